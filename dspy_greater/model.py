@@ -1,0 +1,230 @@
+"""Torch side of the optimizer model: proposals, generation, answer loss and the one-hot gradient.
+
+Sequences are right-padded for forward passes (causal attention makes the padding invisible to
+real tokens) and left-padded for generation. Logits are computed only at the positions a loss or
+proposal needs, never over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dspy_greater.layout import Sequence
+
+
+@dataclass(frozen=True)
+class SequenceScore:
+    """How well one sequence's answer span is predicted.
+
+    Attributes:
+        answer_loss: Mean cross-entropy of the answer tokens (logits divided by the temperature).
+        correct: Whether every answer token is the model's argmax.
+        fluency: Mean negative log-likelihood of the instruction tokens.
+    """
+
+    answer_loss: float
+    correct: bool
+    fluency: float
+
+
+class OptimizerLM:
+    """A causal LM and its tokenizer, with the operations the search needs.
+
+    Args:
+        model: A Hugging Face causal LM (weights frozen; gradients flow to inputs only).
+        tokenizer: Its tokenizer; must have a pad token.
+        batch_size: Sequences per forward pass or generation batch.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding_matrix.shape[0]
+
+    # -- forward helpers -------------------------------------------------------------------------
+
+    def _right_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _hidden(self, mask: torch.Tensor, *, ids=None, embeds=None) -> torch.Tensor:
+        out = self.model.base_model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def _chunks(self, items: list) -> list[list]:
+        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+
+    # -- proposals -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def next_token_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Log-probabilities of the token after each sequence, shape ``[len(seqs), vocab]`` on CPU."""
+        rows = []
+        for chunk in self._chunks(seqs):
+            ids, mask = self._right_padded(chunk)
+            hidden = self._hidden(mask, ids=ids)
+            last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
+            picked = hidden[torch.arange(len(chunk), device=self.device), last]
+            rows.append(torch.log_softmax(self._logits(picked), dim=-1).cpu())
+        return torch.cat(rows)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> list[list[int]]:
+        """Continue each prompt; returns the new tokens up to (not including) the first stop token.
+
+        ``temperature == 0`` is greedy decoding.
+        """
+        results: list[list[int]] = []
+        for chunk in self._chunks(prompts):
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, prompt in enumerate(chunk):
+                ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+                mask[row, width - len(prompt) :] = 1
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.stop_ids) or None,
+                **sampling,
+            )
+            for row in out[:, width:].tolist():
+                cut = next((i for i, tok in enumerate(row) if tok in self.stop_ids), len(row))
+                results.append(row[:cut])
+        return results
+
+    # -- losses ----------------------------------------------------------------------------------
+
+    def _span_terms(
+        self, hidden: torch.Tensor, seqs: list[Sequence], temperature: float, fluency_targets=None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+        """Answer loss, fluency and correctness per row, from logits at the needed positions only.
+
+        ``fluency_targets`` optionally maps a row to ``(index, logprob_fn)`` replacing the plain
+        log-probability at one instruction position (used by the one-hot path).
+        """
+        answer_losses, fluencies, correct = [], [], []
+        for row, seq in enumerate(seqs):
+            answer_pos = torch.arange(seq.answer_start - 1, seq.answer_end - 1, device=self.device)
+            instr_pos = torch.arange(max(seq.instruction_start - 1, 0), seq.instruction_end - 1, device=self.device)
+            logits = self._logits(hidden[row, torch.cat([answer_pos, instr_pos])])
+            n_answer = len(answer_pos)
+            answer_targets = torch.tensor(seq.ids[seq.answer_start : seq.answer_end], device=self.device)
+            answer_logits = logits[:n_answer]
+            answer_losses.append(F.cross_entropy(answer_logits / temperature, answer_targets))
+            correct.append(bool((answer_logits.argmax(-1) == answer_targets).all()))
+            first = max(seq.instruction_start, 1)
+            instr_targets = torch.tensor(seq.ids[first : seq.instruction_end], device=self.device)
+            if len(instr_targets) == 0:
+                fluencies.append(torch.zeros((), device=self.device))
+                continue
+            logprobs = torch.log_softmax(logits[n_answer:], dim=-1)
+            token_logprobs = logprobs.gather(1, instr_targets[:, None]).squeeze(1)
+            if fluency_targets is not None:
+                index, replace = fluency_targets
+                local = seq.instruction_start + index - first
+                if 0 <= local < len(token_logprobs):
+                    token_logprobs = torch.cat(
+                        [token_logprobs[:local], replace(logprobs[local])[None], token_logprobs[local + 1 :]]
+                    )
+            fluencies.append(-token_logprobs.mean())
+        return answer_losses, fluencies, correct
+
+    @torch.no_grad()
+    def score(self, seqs: list[Sequence], *, answer_temperature: float) -> list[SequenceScore]:
+        """Teacher-forced answer loss, correctness and instruction fluency for each sequence."""
+        scores = []
+        for chunk in self._chunks(seqs):
+            ids, mask = self._right_padded([s.ids for s in chunk])
+            hidden = self._hidden(mask, ids=ids)
+            losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature)
+            scores += [SequenceScore(float(a), c, float(f)) for a, f, c in zip(losses, fluencies, correct)]
+        return scores
+
+    def one_hot_gradient(
+        self,
+        seqs: list[Sequence],
+        position: int,
+        candidates: list[int],
+        *,
+        answer_temperature: float,
+        fluency_weight: float,
+    ) -> tuple[float, torch.Tensor]:
+        """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
+
+        The instruction token at ``position`` (offset within the instruction) must be one of the
+        candidates; its embedding is replaced by ``one_hot @ E[candidates]``, so the loss equals the
+        token-id loss while the gradient ranks every candidate at once.
+
+        Returns:
+            The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
+        """
+        current = {s.ids[s.instruction_start + position] for s in seqs}
+        if len(current) != 1 or next(iter(current)) not in candidates:
+            raise ValueError("All sequences must hold the same current token, and it must be a candidate.")
+        cand = torch.tensor(candidates, device=self.device)
+        one_hot = torch.zeros(len(candidates), device=self.device, dtype=self.embedding_matrix.dtype)
+        one_hot[candidates.index(next(iter(current)))] = 1.0
+        one_hot.requires_grad_(True)
+        # The embedding module (not its raw weight) applies any scaling the architecture uses (Gemma).
+        candidate_rows = self.model.get_input_embeddings()(cand).detach()
+        total = 0.0
+        for chunk in self._chunks(seqs):
+            ids, mask = self._right_padded([s.ids for s in chunk])
+            embeds = self.model.get_input_embeddings()(ids).detach()
+            rows = torch.arange(len(chunk), device=self.device)
+            cols = torch.tensor([s.instruction_start + position for s in chunk], device=self.device)
+            mixed = (one_hot @ candidate_rows).expand(len(chunk), -1)
+            embeds = embeds.index_put((rows, cols), mixed)
+            hidden = self._hidden(mask, embeds=embeds)
+            losses, fluencies, _ = self._span_terms(
+                hidden, chunk, answer_temperature, fluency_targets=(position, lambda lp: one_hot @ lp[cand])
+            )
+            loss = sum(a + fluency_weight * f for a, f in zip(losses, fluencies)) / len(seqs)
+            loss.backward()
+            total += float(loss.detach())
+        return total, one_hot.grad.detach().float().cpu()

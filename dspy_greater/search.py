@@ -1,0 +1,442 @@
+"""The GReaTer search on token ids: propose -> reason -> gradient -> select -> advance.
+
+Knows nothing about DSPy. One :class:`GreaterSearch` optimizes one instruction for one task,
+given examples as ``(inputs_text, label)`` pairs, a layout and an answer extractor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dspy_greater.extractor import Extractor
+from dspy_greater.layout import GreaterLayout, Sequence
+from dspy_greater.model import OptimizerLM
+
+logger = logging.getLogger(__name__)
+
+_WORD_TOKEN = re.compile(r"[A-Za-z ]+")
+_SENTENCE_END = (".", "!", "?")
+
+
+@dataclass
+class GreaterConfig:
+    """Hyper-parameters of the search. Defaults are our fast CPU setting; the paper's value is
+    given for each where it differs, and :meth:`faithful` returns the paper's protocol.
+
+    Attributes:
+        num_steps: Optimization steps (one instruction position each). Paper: ~100-125.
+        batch_size: Training examples used per step, drawn at random; ``None`` uses all of them
+            every step. Paper: all (50).
+        topk: Top-k next tokens per example when proposing. Paper: 11 (README), 40 (scripts).
+        intersect_q: Random example subsets whose top-k sets are intersected; the candidates are
+            the union of those intersections. Paper: 6.
+        intersect_size: Examples per intersected subset. Paper: 5.
+        min_candidates: Fewer surviving candidates than this makes ``topk`` grow. Paper: 6.
+        topk_growth: How much ``topk`` grows per retry. Paper: 2.
+        num_finalists: Candidates with the most negative gradient that are actually scored. Paper: 3.
+        fluency_weight: Weight of the instruction's own NLL in the gradient loss. Paper: 0.2.
+        score_fluency_weight: Weight of the instruction NLL in the finalist score. Paper: 0.02.
+        answer_temperature: Logits are divided by this in the answer loss (sharpens it). Paper: 0.2.
+        max_reasoning_tokens: Length bound of the generated reasoning. Paper: 1024.
+        reasoning_temperature: 0 is greedy (paper's research code); the authors' library samples at 0.2.
+        finalist_scoring: ``"regenerate"`` regenerates the reasoning under every finalist before
+            scoring it (paper); ``"teacher_forced"`` scores finalists on the current reasoning and
+            regenerates only for the winner, which the next step needs anyway.
+        keep_current: Also score the current token and keep it if no finalist beats it. The paper
+            always replaces it with the best finalist.
+        max_instruction_tokens: The instruction stops growing at this length (then wraps to 0).
+        eval_every: Score the instruction on the held-out examples every this many steps (and at
+            the end); the best held-out instruction is returned. Paper: picked offline from a top-10.
+        allowed_tokens: ``"words"`` allows ASCII letters and spaces plus "." and "," (paper);
+            ``"ascii"`` any printable ASCII; ``"all"`` every non-special token.
+        model_batch_size: Sequences per forward pass or generation batch (memory knob).
+        answer_tokens: Tokens generated after the extractor when free-form answers are evaluated.
+        seed: Seed for Python, NumPy and torch.
+    """
+
+    num_steps: int = 12
+    batch_size: int | None = 8
+    topk: int = 11
+    intersect_q: int = 6
+    intersect_size: int = 5
+    min_candidates: int = 6
+    topk_growth: int = 2
+    num_finalists: int = 3
+    fluency_weight: float = 0.2
+    score_fluency_weight: float = 0.02
+    answer_temperature: float = 0.2
+    max_reasoning_tokens: int = 48
+    reasoning_temperature: float = 0.0
+    finalist_scoring: str = "teacher_forced"
+    keep_current: bool = True
+    max_instruction_tokens: int = 48
+    eval_every: int = 4
+    allowed_tokens: str = "words"
+    model_batch_size: int = 8
+    answer_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def faithful(cls, **overrides) -> GreaterConfig:
+        """The paper's protocol step for step (expensive: hours per task even on GPUs)."""
+        paper = dict(
+            num_steps=100, batch_size=None, max_reasoning_tokens=1024, finalist_scoring="regenerate",
+            keep_current=False, eval_every=1,
+        )
+        return cls(**{**paper, **overrides})
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def validate(self) -> None:
+        positive = ["num_steps", "topk", "intersect_q", "intersect_size", "min_candidates", "num_finalists",
+                    "max_reasoning_tokens", "max_instruction_tokens", "eval_every", "model_batch_size",
+                    "answer_tokens"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GreaterConfig.{name} must be a positive integer, got {value!r}.")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"GreaterConfig.batch_size must be a positive integer or None, got {self.batch_size!r}.")
+        if self.topk_growth < 1:
+            raise ValueError("GreaterConfig.topk_growth must be at least 1, or the candidate search never grows.")
+        if self.answer_temperature <= 0:
+            raise ValueError("GreaterConfig.answer_temperature must be > 0 (the paper uses 0.2).")
+        if self.reasoning_temperature < 0:
+            raise ValueError("GreaterConfig.reasoning_temperature must be >= 0 (0 is greedy decoding).")
+        if self.finalist_scoring not in ("regenerate", "teacher_forced"):
+            raise ValueError(
+                f"GreaterConfig.finalist_scoring must be 'regenerate' or 'teacher_forced', got {self.finalist_scoring!r}."
+            )
+        if self.allowed_tokens not in ("words", "ascii", "all"):
+            raise ValueError(f"GreaterConfig.allowed_tokens must be 'words', 'ascii' or 'all', got {self.allowed_tokens!r}.")
+
+
+@dataclass(frozen=True)
+class SearchExample:
+    """One training or held-out example as the search sees it."""
+
+    inputs_text: str
+    label: str
+
+
+@dataclass
+class Evaluation:
+    """The optimizer model's answers for one instruction on some examples."""
+
+    predictions: list[str | None]
+    labels: list[str]
+    mean_loss: float
+
+    @property
+    def accuracy(self) -> float:
+        return sum(p == g for p, g in zip(self.predictions, self.labels)) / max(len(self.labels), 1)
+
+    def key(self) -> tuple[float, float]:
+        """Higher is better: accuracy first, then lower answer loss."""
+        return (self.accuracy, -self.mean_loss)
+
+
+@dataclass
+class StepRecord:
+    """What one step did; plain data."""
+
+    step: int
+    position: int
+    candidates: list[str]
+    finalists: list[dict]
+    chosen: str
+    changed: bool
+    loss: float
+    instruction: str
+    seconds: dict[str, float]
+    heldout_accuracy: float | None = None
+    heldout_loss: float | None = None
+
+
+@dataclass
+class SearchResult:
+    """The outcome of a search; ``to_dict()`` is JSON-serialisable."""
+
+    initial_instruction: str
+    best_instruction: str
+    final_instruction: str
+    initial_heldout: dict
+    best_heldout: dict
+    top_instructions: list[dict] = field(default_factory=list)
+    trace: list[StepRecord] = field(default_factory=list)
+    stopped_reason: str = "completed"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def allowed_token_mask(tokenizer, mode: str) -> torch.Tensor:
+    """Boolean mask over the vocabulary of tokens the search may place in an instruction."""
+    size = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(size)])
+    special = set(tokenizer.all_special_ids)
+    mask = torch.zeros(size, dtype=torch.bool)
+    for i, text in enumerate(texts):
+        if i in special or not text or "\ufffd" in text:
+            continue
+        if mode == "words":
+            ok = bool(_WORD_TOKEN.fullmatch(text)) or text in (".", ",")
+        elif mode == "ascii":
+            ok = text.isascii() and text.isprintable()
+        else:
+            ok = True
+        mask[i] = ok
+    return mask
+
+
+def intersect_candidates(
+    topk_sets: list[set[int]], *, q: int, subset_size: int, rng: random.Random
+) -> set[int]:
+    """Union over ``q`` random subsets of examples of the intersection of their top-k sets."""
+    union: set[int] = set()
+    size = min(subset_size, len(topk_sets))
+    for _ in range(q):
+        union |= set.intersection(*rng.sample(topk_sets, size))
+    return union
+
+
+class GreaterSearch:
+    """Gradient-over-reasoning search for one instruction.
+
+    Args:
+        lm: The optimizer model.
+        layout: Builds token sequences.
+        extractor: The answer extractor for this task.
+        config: Hyper-parameters.
+    """
+
+    def __init__(self, lm: OptimizerLM, layout: GreaterLayout, extractor: Extractor, config: GreaterConfig):
+        self.lm = lm
+        self.layout = layout
+        self.extractor = extractor
+        self.config = config
+        self.extractor_ids = layout.encode(extractor.text)
+        self._answer_ids: dict[str, list[int]] = {}
+        self._reasoning: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        self._allowed = allowed_token_mask(lm.tokenizer, config.allowed_tokens)
+
+    # -- building blocks ---------------------------------------------------------------------------
+
+    def answer_ids(self, label: str) -> list[int]:
+        if label not in self._answer_ids:
+            self._answer_ids[label] = self.layout.encode(self.extractor.target(label))
+        return self._answer_ids[label]
+
+    def reasoning(self, instruction: list[int], examples: list[SearchExample]) -> list[list[int]]:
+        """The optimizer model's reasoning for each example under ``instruction`` (cached)."""
+        key = tuple(instruction)
+        missing = [ex for ex in dict.fromkeys(examples) if (ex.inputs_text, key) not in self._reasoning]
+        if missing:
+            prompts = [self.layout.prompt(ex.inputs_text, instruction).ids for ex in missing]
+            outputs = self.lm.generate(
+                prompts, max_new_tokens=self.config.max_reasoning_tokens, temperature=self.config.reasoning_temperature
+            )
+            for ex, out in zip(missing, outputs):
+                self._reasoning[(ex.inputs_text, key)] = out
+        return [self._reasoning[(ex.inputs_text, key)] for ex in examples]
+
+    def sequences(self, instruction: list[int], examples: list[SearchExample], reasoning: list[list[int]]) -> list[Sequence]:
+        return [
+            self.layout.full(ex.inputs_text, instruction, r, self.extractor_ids, self.answer_ids(ex.label))
+            for ex, r in zip(examples, reasoning)
+        ]
+
+    def propose(self, instruction: list[int], position: int, examples: list[SearchExample], rng: random.Random) -> list[int]:
+        """Candidate tokens for ``position``, conditioned on each example's inputs.
+
+        Returns candidates ordered by summed log-probability over the examples (most likely first).
+        """
+        contexts = [self.layout.frame(ex.inputs_text)[0] + instruction[:position] for ex in examples]
+        logprobs = self.lm.next_token_logprobs(contexts)
+        allowed = self._allowed.clone()
+        if position > 0:
+            allowed[instruction[position - 1]] = False
+        width = min(len(allowed), logprobs.shape[1])
+        logprobs = logprobs[:, :width].masked_fill(~allowed[:width], -math.inf)
+        current = instruction[position] if position < len(instruction) else None
+        k = self.config.topk
+        while True:
+            top = logprobs.topk(min(k, int(allowed.sum())), dim=-1).indices.tolist()
+            found = intersect_candidates(
+                [set(row) for row in top], q=self.config.intersect_q, subset_size=self.config.intersect_size, rng=rng
+            )
+            found.discard(current)
+            if len(found) >= self.config.min_candidates or k >= int(allowed.sum()):
+                break
+            k += self.config.topk_growth
+        total = logprobs.sum(0)
+        ordered = sorted(found, key=lambda t: -float(total[t]))
+        return ordered + ([current] if current is not None else [])
+
+    def score_instruction(self, instruction: list[int], examples: list[SearchExample], reasoning=None) -> dict:
+        """Mistake rate, answer loss and fluency of an instruction on examples (teacher-forced)."""
+        reasoning = reasoning if reasoning is not None else self.reasoning(instruction, examples)
+        scores = self.lm.score(self.sequences(instruction, examples, reasoning), answer_temperature=self.config.answer_temperature)
+        n = len(scores)
+        mistakes = sum(not s.correct for s in scores) / n
+        fluency = sum(s.fluency for s in scores) / n
+        return {
+            "mistake_rate": mistakes,
+            "answer_loss": sum(s.answer_loss for s in scores) / n,
+            "fluency": fluency,
+            "score": mistakes + self.config.score_fluency_weight * fluency,
+        }
+
+    def evaluate(self, instruction: list[int], examples: list[SearchExample]) -> Evaluation:
+        """The optimizer model's predicted label for each example, and the mean gold-answer loss."""
+        if not examples:
+            return Evaluation([], [], math.nan)
+        reasoning = self.reasoning(instruction, examples)
+        contexts = [self.layout.prompt(ex.inputs_text, instruction).ids + r + self.extractor_ids for ex, r in zip(examples, reasoning)]
+        choices = list(self.extractor.choices)
+        first_tokens = [self.answer_ids(c)[0] if self.answer_ids(c) else None for c in choices]
+        if choices and None not in first_tokens and len(set(first_tokens)) == len(first_tokens):
+            logprobs = self.lm.next_token_logprobs(contexts)[:, first_tokens]
+            predictions = [choices[i] for i in logprobs.argmax(-1).tolist()]
+        else:
+            outputs = self.lm.generate(contexts, max_new_tokens=self.config.answer_tokens)
+            predictions = [self.extractor.label_of(self.layout.tokenizer.decode(o)) for o in outputs]
+        loss = self.score_instruction(instruction, examples, reasoning)["answer_loss"]
+        return Evaluation(predictions, [ex.label for ex in examples], loss)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        initial_instruction: str,
+        train: list[SearchExample],
+        heldout: list[SearchExample],
+        *,
+        progress: Callable[[StepRecord], None] | None = None,
+    ) -> SearchResult:
+        """Optimize ``initial_instruction`` on ``train``; keep the best instruction on ``heldout``."""
+        cfg = self.config
+        rng = random.Random(cfg.seed)
+        started = time.perf_counter()
+        instruction = self.layout.encode(initial_instruction)
+        if not instruction:
+            raise ValueError("The initial instruction is empty; give at least one word.")
+        heldout = heldout or train
+        initial_eval = self.evaluate(instruction, heldout)
+        best = (initial_eval.key(), instruction, initial_eval)
+        seen: dict[tuple[int, ...], Evaluation] = {tuple(instruction): initial_eval}
+        result = SearchResult(
+            initial_instruction=self.layout.decode(instruction),
+            best_instruction=self.layout.decode(instruction),
+            final_instruction=self.layout.decode(instruction),
+            initial_heldout=_eval_dict(initial_eval),
+            best_heldout=_eval_dict(initial_eval),
+        )
+        position = 0
+        try:
+            for step in range(cfg.num_steps):
+                record = self._step(step, instruction, position, train, rng)
+                instruction = record.pop("instruction_ids")
+                record = StepRecord(**record)
+                position = self._advance(instruction, position)
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
+                    t0 = time.perf_counter()
+                    evaluation = seen.get(tuple(instruction)) or self.evaluate(instruction, heldout)
+                    seen[tuple(instruction)] = evaluation
+                    record.seconds["heldout"] = time.perf_counter() - t0
+                    record.heldout_accuracy, record.heldout_loss = evaluation.accuracy, evaluation.mean_loss
+                    if evaluation.key() > best[0]:
+                        best = (evaluation.key(), list(instruction), evaluation)
+                result.trace.append(record)
+                result.final_instruction = record.instruction
+                if progress:
+                    progress(record)
+        except KeyboardInterrupt:
+            result.stopped_reason = "interrupted"
+            logger.warning("GReaTer search interrupted; returning the best instruction found so far.")
+        result.best_instruction = self.layout.decode(best[1])
+        result.best_heldout = _eval_dict(best[2])
+        ranked = sorted(seen.items(), key=lambda kv: kv[1].key(), reverse=True)
+        result.top_instructions = [{"instruction": self.layout.decode(list(ids)), **_eval_dict(ev)} for ids, ev in ranked[:10]]
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _step(self, step: int, instruction: list[int], position: int, train: list[SearchExample], rng: random.Random) -> dict:
+        cfg = self.config
+        seconds: dict[str, float] = {}
+        batch = train if cfg.batch_size is None or cfg.batch_size >= len(train) else rng.sample(train, cfg.batch_size)
+
+        t0 = time.perf_counter()
+        candidates = self.propose(instruction, position, batch, rng)
+        if position == len(instruction):
+            # Growing: the most likely proposal holds the new position while the gradient ranks all.
+            instruction = [*instruction, candidates[0]]
+            candidates = [*candidates[1:], candidates[0]]
+        current = instruction[position]
+        seconds["propose"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        reasoning = self.reasoning(instruction, batch)
+        seconds["generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        seqs = self.sequences(instruction, batch, reasoning)
+        loss, grad = self.lm.one_hot_gradient(
+            seqs, position, candidates, answer_temperature=cfg.answer_temperature, fluency_weight=cfg.fluency_weight
+        )
+        seconds["gradient"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ranked = [candidates[i] for i in torch.argsort(grad).tolist() if candidates[i] != current]
+        finalists = ranked[: cfg.num_finalists]
+        scored = []
+        for token in finalists + ([current] if cfg.keep_current else []):
+            trial = [*instruction[:position], token, *instruction[position + 1 :]]
+            reuse = reasoning if cfg.finalist_scoring == "teacher_forced" or token == current else None
+            score = self.score_instruction(trial, batch, reuse)
+            scored.append({"token": self.layout.decode([token]), "token_id": token,
+                           "gradient": float(grad[candidates.index(token)]), **score})
+        winner = min(scored, key=lambda s: (s["score"], s["answer_loss"]))
+        instruction = [*instruction[:position], winner["token_id"], *instruction[position + 1 :]]
+        seconds["select"] = time.perf_counter() - t0
+        return dict(
+            step=step,
+            position=position,
+            candidates=[self.layout.decode([c]) for c in candidates],
+            finalists=scored,
+            chosen=winner["token"],
+            changed=winner["token_id"] != current,
+            loss=loss,
+            instruction=self.layout.decode(instruction),
+            seconds=seconds,
+            instruction_ids=instruction,
+        )
+
+    def _advance(self, instruction: list[int], position: int) -> int:
+        """Next position: the following token; past the end grow, or wrap after a full sentence."""
+        position += 1
+        if position < len(instruction):
+            return position
+        ends_sentence = self.layout.decode(instruction).rstrip().endswith(_SENTENCE_END)
+        if ends_sentence or len(instruction) >= self.config.max_instruction_tokens:
+            return 0
+        return position
+
+
+def _eval_dict(evaluation: Evaluation) -> dict:
+    return {"accuracy": evaluation.accuracy, "mean_loss": evaluation.mean_loss, "predictions": list(evaluation.predictions)}

@@ -1,0 +1,328 @@
+"""DSPy side: ``GReaTerTeleprompter`` validates input, runs the search per predictor, writes back.
+
+Knows nothing about torch internals: the optimizer model is loaded through :mod:`loading` and
+driven through :class:`~dspy_greater.search.GreaterSearch`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import random
+import typing
+from dataclasses import dataclass, replace
+
+import dspy
+import numpy as np
+import torch
+from dspy.teleprompt import Teleprompter
+from tqdm.auto import tqdm
+
+from dspy_greater.extractor import Extractor, derive_extractor
+from dspy_greater.layout import GreaterLayout
+from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
+from dspy_greater.model import OptimizerLM
+from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample, SearchResult
+
+logger = logging.getLogger(__name__)
+
+_REASONING_FIELDS = ("reasoning", "rationale")
+_SCALAR_TYPES = (str, int, float, bool)
+
+
+@dataclass(frozen=True)
+class PredictorTask:
+    """One predictor's task as the search sees it (derived from its signature and the data)."""
+
+    name: str
+    input_fields: tuple[str, ...]
+    output_field: str
+    instruction: str
+    extractor: Extractor
+
+    def inputs_text(self, example: dspy.Example) -> str:
+        """The example's inputs as one text: the value alone for one field, else ``Name: value`` lines."""
+        if len(self.input_fields) == 1:
+            return str(example[self.input_fields[0]])
+        return "\n".join(f"{_title(name)}: {example[name]}" for name in self.input_fields)
+
+    def search_example(self, example: dspy.Example) -> SearchExample:
+        return SearchExample(self.inputs_text(example), self.extractor.canonical(example[self.output_field]))
+
+
+class GReaTerTeleprompter(Teleprompter):
+    """Optimizes each predictor's instruction with GReaTer's gradient-over-reasoning token search.
+
+    The search runs on a small local optimizer model in PyTorch; the returned program keeps its
+    own target LM and gets the optimized instruction.
+
+    Args:
+        metric: ``metric(example, prediction, trace=None)``; scores programs on the target LM.
+        model: Optimizer model: a Hugging Face hub id, a local folder, a ``.gguf`` file, a
+            :class:`ModelSpec`, or ``None`` for the embedded SmolLM2-135M-Instruct.
+        config: A :class:`GreaterConfig` (or a dict of its fields); keyword arguments override it.
+        extractor: Answer extractor text or :class:`Extractor`; derived from the signature and
+            labels when ``None``.
+        initial_instruction: Start from this text instead of the predictor's own instruction.
+        dtype, device, device_map, cache_dir, trust_remote_code: Model loading options (see
+            :class:`ModelSpec`); ignored when ``model`` is a ``ModelSpec``.
+        progress: Show a tqdm progress bar.
+        **config_overrides: Any :class:`GreaterConfig` field, e.g. ``num_steps=20``.
+    """
+
+    def __init__(
+        self,
+        metric: typing.Callable | None = None,
+        *,
+        model: str | ModelSpec | None = None,
+        config: GreaterConfig | dict | None = None,
+        extractor: str | Extractor | None = None,
+        initial_instruction: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        device_map: str | dict | None = None,
+        cache_dir: str | None = None,
+        trust_remote_code: bool = False,
+        progress: bool = True,
+        **config_overrides,
+    ):
+        super().__init__()
+        if metric is not None and not callable(metric):
+            raise TypeError(
+                f"metric must be callable as metric(example, prediction, trace=None), got {type(metric).__name__}; "
+                "pass a function such as dspy_greater.metrics.exact_match."
+            )
+        self.metric = metric
+        self.config = _build_config(config, config_overrides)
+        if isinstance(model, ModelSpec):
+            self.model_spec = model
+        else:
+            self.model_spec = ModelSpec(
+                name_or_path=None if model is None else str(model), dtype=dtype, device=device,
+                device_map=device_map, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+            )
+        validate_model_spec(self.model_spec)
+        if extractor is not None and not isinstance(extractor, (str, Extractor)):
+            raise TypeError("extractor must be a str, an Extractor or None.")
+        if initial_instruction is not None and not str(initial_instruction).strip():
+            raise ValueError("initial_instruction is empty; pass None to start from the predictor's instruction.")
+        self.extractor = extractor
+        self.initial_instruction = initial_instruction
+        self.progress = progress
+        self._lm: OptimizerLM | None = None
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset: list | None = None) -> dspy.Module:
+        """Optimize ``student``'s instruction; return an optimized copy (``student`` is untouched).
+
+        Args:
+            student: A program with one ``dspy.Predict`` or ``dspy.ChainOfThought`` predictor.
+            trainset: Labelled ``dspy.Example``s with ``with_inputs`` set.
+            teacher: Unused (accepted for DSPy compatibility).
+            valset: Held-out examples; the best instruction is chosen on them. Defaults to a
+                seeded quarter of ``trainset`` (or all of it when it is tiny).
+
+        Returns:
+            A deep copy of ``student`` with the optimized instruction and a plain-data
+            ``greater_results`` attribute (per predictor: the search result as a dict).
+        """
+        name, predictor, task = self._prepare(student, trainset, valset)
+        train, heldout = self._split(trainset, valset, task)
+        self._seed()
+        search = self._search(task)
+        self._check_context(search, task, train + heldout)
+        initial = self.initial_instruction or task.instruction
+        bar = tqdm(total=self.config.num_steps, desc=f"GReaTer [{name}]", disable=not self.progress)
+
+        def on_step(record):
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.loss:.3f}", pos=record.position)
+            logger.info("step %d pos %d chose %r: %s", record.step, record.position, record.chosen, record.instruction)
+
+        try:
+            result = search.run(initial, [task.search_example(e) for e in train],
+                                [task.search_example(e) for e in heldout], progress=on_step)
+        finally:
+            bar.close()
+        program = student.deepcopy()
+        target = dict(program.named_predictors())[name]
+        target.signature = target.signature.with_instructions(result.best_instruction)
+        program.greater_results = {name: _result_dict(result, task)}
+        logger.info("GReaTer: %r -> %r (held-out accuracy on the optimizer model %.3f -> %.3f)",
+                    result.initial_instruction, result.best_instruction,
+                    result.initial_heldout["accuracy"], result.best_heldout["accuracy"])
+        return program
+
+    def optimizer_predictions(self, program: dspy.Module, examples: list) -> tuple[list[str | None], list[str]]:
+        """The optimizer model's answers on ``examples`` under ``program``'s current instruction.
+
+        Runs in the search's layout (inputs, instruction, reasoning, extractor). Returns
+        ``(predictions, gold labels)``, both canonical labels.
+        """
+        _, predictor, task = self._prepare(program, examples, None)
+        search = self._search(task)
+        evaluation = search.evaluate(
+            search.layout.encode(predictor.signature.instructions), [task.search_example(e) for e in examples]
+        )
+        return evaluation.predictions, evaluation.labels
+
+    def use_loaded_model(self, model, tokenizer) -> GReaTerTeleprompter:
+        """Use an already loaded Hugging Face causal LM and tokenizer as the optimizer model."""
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.requires_grad_(False)
+        self._lm = OptimizerLM(model.eval(), tokenizer, batch_size=self.config.model_batch_size)
+        return self
+
+    def get_params(self) -> dict:
+        """Hyper-parameters as plain data."""
+        return {"config": dict(vars(self.config)), "model": dict(vars(self.model_spec)),
+                "extractor": self.extractor if not isinstance(self.extractor, Extractor) else vars(self.extractor),
+                "initial_instruction": self.initial_instruction}
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def _prepare(self, program, trainset, valset):
+        """Validate everything that can be checked without the model; derive the predictor's task."""
+        if not isinstance(program, dspy.Module):
+            raise TypeError(f"student must be a dspy.Module (e.g. dspy.ChainOfThought('question -> answer')), "
+                            f"got {type(program).__name__}.")
+        predictors = program.named_predictors()
+        if len(predictors) != 1:
+            raise NotImplementedError(
+                f"GReaTerTeleprompter optimizes programs with exactly one predictor for now; this program has "
+                f"{len(predictors)} ({', '.join(n for n, _ in predictors) or 'none'}). Optimize each predictor "
+                "as its own program, or wait for multi-predictor support."
+            )
+        name, predictor = predictors[0]
+        signature = predictor.signature
+        inputs = tuple(signature.input_fields)
+        outputs = [k for k in signature.output_fields if k not in _REASONING_FIELDS]
+        for field_name in [*inputs, *outputs]:
+            annotation = signature.fields[field_name].annotation
+            if not _is_text_type(annotation):
+                raise TypeError(
+                    f"Field {field_name!r} has type {annotation!r}; GReaTer handles text fields only "
+                    "(str, int, float, bool or Literal). Convert the field to str or leave this predictor out."
+                )
+        if not outputs:
+            raise ValueError("The predictor's signature has no output field to optimize for.")
+        output = outputs[0]
+        examples = _check_examples(trainset, "trainset", inputs, outputs)
+        if valset is not None:
+            _check_examples(valset, "valset", inputs, outputs)
+        labels = [e[output] for e in examples]
+        field_info = signature.fields[output]
+        desc = (field_info.json_schema_extra or {}).get("desc")
+        task = PredictorTask(name, inputs, output, signature.instructions, None)  # type: ignore[arg-type]
+        extractor = derive_extractor(output, desc, labels, [task.inputs_text(e) for e in examples],
+                                     override=self.extractor)
+        task = replace(task, extractor=extractor)
+        for i, e in enumerate([*examples, *(valset or [])]):
+            if not extractor.accepts(e[output]):
+                raise ValueError(
+                    f"Example {i}: label {e[output]!r} for {output!r} is outside the answer space "
+                    f"({', '.join(extractor.choices)}); fix the label or pass extractor=... to set the answer space."
+                )
+        return name, predictor, task
+
+    def _split(self, trainset, valset, task):
+        if valset:
+            return list(trainset), list(valset)
+        data = list(trainset)
+        if len(data) < 8:
+            return data, data
+        order = list(range(len(data)))
+        random.Random(self.config.seed).shuffle(order)
+        cut = max(2, len(data) // 4)
+        return [data[i] for i in order[cut:]], [data[i] for i in order[:cut]]
+
+    def _seed(self):
+        random.seed(self.config.seed)
+        np.random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+
+    def _optimizer_lm(self) -> OptimizerLM:
+        if self._lm is None:
+            model, tokenizer = load_optimizer_model(self.model_spec)
+            self._lm = OptimizerLM(model, tokenizer, batch_size=self.config.model_batch_size)
+        return self._lm
+
+    def _search(self, task: PredictorTask) -> GreaterSearch:
+        lm = self._optimizer_lm()
+        return GreaterSearch(lm, GreaterLayout(lm.tokenizer), task.extractor, self.config)
+
+    def _check_context(self, search: GreaterSearch, task: PredictorTask, examples) -> None:
+        """Fail before any step when the longest sequence cannot fit the model's context."""
+        limit = getattr(search.lm.model.config, "max_position_embeddings", None)
+        if not limit:
+            return
+        instruction = search.layout.encode(self.initial_instruction or task.instruction)
+        room = self.config.max_reasoning_tokens + len(search.extractor_ids) + 16
+        room += max(len(instruction), self.config.max_instruction_tokens)
+        longest = max(len(search.layout.frame(task.inputs_text(e))[0]) + len(search.layout.frame(task.inputs_text(e))[1])
+                      for e in examples)
+        if longest + room > limit:
+            raise ValueError(
+                f"The longest example ({longest} tokens) plus instruction, reasoning ({self.config.max_reasoning_tokens}) "
+                f"and answer needs {longest + room} tokens, more than the optimizer model's context of {limit}. "
+                "Shorten the inputs or the instruction, lower max_reasoning_tokens, or use a model with a longer context."
+            )
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def _build_config(config, overrides: dict) -> GreaterConfig:
+    if config is not None and not isinstance(config, (GreaterConfig, dict)):
+        raise TypeError(f"config must be a GreaterConfig or a dict, got {type(config).__name__}.")
+    base = dict(vars(config)) if isinstance(config, GreaterConfig) else dict(config or {})
+    merged = {**base, **overrides}
+    known = GreaterConfig.field_names()
+    for key in merged:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"Unknown GReaTer option {key!r}.{hint} Valid options: {', '.join(sorted(known))}.")
+    return GreaterConfig(**merged)
+
+
+def _check_examples(examples, what: str, inputs: tuple[str, ...], outputs: list[str]) -> list:
+    if examples is None or isinstance(examples, (str, bytes)) or not hasattr(examples, "__len__"):
+        raise TypeError(f"{what} must be a list of dspy.Example, got {type(examples).__name__}.")
+    if len(examples) == 0:
+        raise ValueError(f"{what} is empty; GReaTer needs labelled examples (the paper uses 50).")
+    for i, example in enumerate(examples):
+        if not isinstance(example, dspy.Example):
+            raise TypeError(f"{what}[{i}] is a {type(example).__name__}, not a dspy.Example.")
+        if example._input_keys is None:
+            raise ValueError(
+                f"{what}[{i}] has no input fields marked; call .with_inputs({', '.join(repr(k) for k in inputs)}) on it."
+            )
+        for key in [*inputs, *outputs]:
+            role = "input" if key in inputs else "label"
+            if key not in example or example[key] is None:
+                raise ValueError(f"{what}[{i}] has no {role} {key!r}; every example needs {', '.join([*inputs, *outputs])}.")
+            if not isinstance(example[key], _SCALAR_TYPES):
+                raise TypeError(
+                    f"{what}[{i}].{key} is a {type(example[key]).__name__}; GReaTer handles text values only. "
+                    "Convert it to str."
+                )
+    return list(examples)
+
+
+def _is_text_type(annotation) -> bool:
+    if annotation in _SCALAR_TYPES:
+        return True
+    return typing.get_origin(annotation) is typing.Literal
+
+
+def _title(name: str) -> str:
+    return name.replace("_", " ").strip().capitalize()
+
+
+def _result_dict(result: SearchResult, task: PredictorTask) -> dict:
+    data = result.to_dict()
+    data["extractor"] = {"kind": task.extractor.kind, "text": task.extractor.text, "choices": list(task.extractor.choices)}
+    return data

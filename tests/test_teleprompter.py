@@ -1,0 +1,105 @@
+"""GReaTerTeleprompter.compile end to end on the real embedded model and real DSPy programs."""
+
+import json
+
+import dspy
+import pytest
+
+from dspy_greater import GReaTerTeleprompter
+from dspy_greater.data import load_examples, split_examples
+from dspy_greater.metrics import exact_match
+
+SMALL = dict(num_steps=2, batch_size=3, max_reasoning_tokens=12, eval_every=1, keep_current=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def navigate():
+    train, val = split_examples(load_examples("navigate"), [5, 3], seed=1)
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def teleprompter(optimizer):
+    # The model fixture is loaded once per session; hand it to the teleprompter to skip a reload.
+    tp = GReaTerTeleprompter(metric=exact_match, **SMALL)
+    tp.use_loaded_model(*optimizer)
+    return tp
+
+
+@pytest.fixture(scope="module")
+def compiled(teleprompter, navigate):
+    train, val = navigate
+    student = dspy.ChainOfThought("question -> answer")
+    before = json.dumps(student.dump_state(), sort_keys=True)
+    optimized = teleprompter.compile(student, trainset=train, valset=val)
+    return student, before, optimized
+
+
+def test_compile_changes_the_copy_not_the_student(compiled):
+    student, before, optimized = compiled
+    assert json.dumps(student.dump_state(), sort_keys=True) == before
+    assert not hasattr(student, "greater_results")
+    result = optimized.greater_results["predict"]
+    assert optimized.predict.signature.instructions == result["best_instruction"]
+    # keep_current=False always replaces the token, so the search really edited the instruction.
+    assert result["final_instruction"] != result["initial_instruction"]
+    assert all(step["changed"] for step in result["trace"])
+    assert [step["position"] for step in result["trace"]] == [0, 1]
+    seen = [result["initial_heldout"]["accuracy"]] + [s["heldout_accuracy"] for s in result["trace"]]
+    assert result["best_heldout"]["accuracy"] == max(seen)
+
+
+def test_results_are_plain_json_data(compiled):
+    _, _, optimized = compiled
+    text = json.dumps(optimized.greater_results)
+    back = json.loads(text)
+    trace = back["predict"]["trace"]
+    assert len(trace) == 2
+    assert {"position", "candidates", "chosen", "loss", "instruction", "seconds", "finalists"} <= set(trace[0])
+    assert back["predict"]["extractor"]["kind"] == "choice"
+    # The results are not parameters: they must not leak into the saved program.
+    assert [name for name, _ in optimized.named_predictors()] == ["predict"]
+
+
+def test_save_load_round_trip(compiled, tmp_path):
+    _, _, optimized = compiled
+    path = tmp_path / "program.json"
+    optimized.save(str(path))
+    fresh = dspy.ChainOfThought("question -> answer")
+    fresh.load(str(path))
+    assert fresh.predict.signature.instructions == optimized.predict.signature.instructions
+    assert "greater_results" not in path.read_text()
+
+
+def test_optimized_program_runs_on_its_target_lm(compiled, navigate):
+    _, _, optimized = compiled
+    lm = dspy.utils.DummyLM([{"reasoning": "Steps cancel out.", "answer": "Yes"}])
+    with dspy.context(lm=lm):
+        prediction = optimized(question=navigate[1][0].question)
+    assert prediction.answer == "Yes"
+    prompt = lm.history[-1]["messages"][0]["content"]
+    assert optimized.predict.signature.instructions in prompt
+
+
+def test_predict_program_keeps_its_signature(teleprompter, navigate):
+    train, val = navigate
+    student = dspy.Predict("question -> answer")
+    optimized = teleprompter.compile(student, trainset=train, valset=val)
+    assert list(optimized.signature.output_fields) == ["answer"]  # no reasoning field added
+    assert optimized.signature.instructions == optimized.greater_results["self"]["best_instruction"]
+
+
+def test_optimizer_predictions_report_labels(teleprompter, navigate):
+    _, val = navigate
+    preds, golds = teleprompter.optimizer_predictions(dspy.ChainOfThought("question -> answer"), val)
+    assert len(preds) == len(golds) == len(val)
+    assert set(preds) <= {"Yes", "No"}
+    assert golds == [e.answer for e in val]
+
+
+def test_compile_on_an_integer_task(teleprompter):
+    train, val = split_examples(load_examples("multistep_arithmetic_two"), [4, 2], seed=0)
+    optimized = teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train, valset=val)
+    result = optimized.greater_results["predict"]
+    assert result["extractor"]["kind"] == "integer"
+    assert len(result["trace"]) == 2
