@@ -64,6 +64,10 @@ class GreaterLayout:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def instruction_text(self, ids: list[int]) -> str:
+        """The instruction as text (DSPy strips instructions, so surrounding spaces are dropped)."""
+        return self.decode(ids).strip()
+
     def frame(self, inputs_text: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the instruction for one example's inputs."""
         cached = self._context_cache.get(inputs_text)

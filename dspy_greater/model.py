@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dspy_greater.layout import Sequence
+
+_WORD_TOKEN = re.compile(r"[A-Za-z ]+")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class OptimizerLM:
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._masks: dict[str, torch.Tensor] = {}
 
     @property
     def embedding_matrix(self) -> torch.Tensor:
@@ -60,6 +65,29 @@ class OptimizerLM:
     @property
     def vocab_size(self) -> int:
         return self.embedding_matrix.shape[0]
+
+    def allowed_token_mask(self, mode: str) -> torch.Tensor:
+        """Boolean mask over the vocabulary of tokens the search may place in an instruction.
+
+        ``"words"``: ASCII letters and spaces, plus exactly "." and "," (the paper's filter);
+        ``"ascii"``: printable ASCII; ``"all"``: every non-special token. Computed once per mode.
+        """
+        if mode not in self._masks:
+            size = len(self.tokenizer)
+            texts = self.tokenizer.batch_decode([[i] for i in range(size)])
+            special = set(self.tokenizer.all_special_ids)
+            mask = torch.zeros(size, dtype=torch.bool)
+            for i, text in enumerate(texts):
+                if i in special or not text or "\ufffd" in text:
+                    continue
+                if mode == "words":
+                    mask[i] = bool(_WORD_TOKEN.fullmatch(text)) or text in (".", ",")
+                elif mode == "ascii":
+                    mask[i] = text.isascii() and text.isprintable()
+                else:
+                    mask[i] = True
+            self._masks[mode] = mask
+        return self._masks[mode]
 
     # -- forward helpers -------------------------------------------------------------------------
 

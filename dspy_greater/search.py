@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from dspy_greater.model import OptimizerLM
 
 logger = logging.getLogger(__name__)
 
-_WORD_TOKEN = re.compile(r"[A-Za-z ]+")
 _SENTENCE_END = (".", "!", "?")
 
 
@@ -185,25 +183,6 @@ class SearchResult:
         return dataclasses.asdict(self)
 
 
-def allowed_token_mask(tokenizer, mode: str) -> torch.Tensor:
-    """Boolean mask over the vocabulary of tokens the search may place in an instruction."""
-    size = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(size)])
-    special = set(tokenizer.all_special_ids)
-    mask = torch.zeros(size, dtype=torch.bool)
-    for i, text in enumerate(texts):
-        if i in special or not text or "\ufffd" in text:
-            continue
-        if mode == "words":
-            ok = bool(_WORD_TOKEN.fullmatch(text)) or text in (".", ",")
-        elif mode == "ascii":
-            ok = text.isascii() and text.isprintable()
-        else:
-            ok = True
-        mask[i] = ok
-    return mask
-
-
 def intersect_candidates(
     topk_sets: list[set[int]], *, q: int, subset_size: int, rng: random.Random
 ) -> set[int]:
@@ -233,7 +212,7 @@ class GreaterSearch:
         self.extractor_ids = layout.encode(extractor.text)
         self._answer_ids: dict[str, list[int]] = {}
         self._reasoning: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-        self._allowed = allowed_token_mask(lm.tokenizer, config.allowed_tokens)
+        self._allowed = lm.allowed_token_mask(config.allowed_tokens)
 
     # -- building blocks ---------------------------------------------------------------------------
 
@@ -341,9 +320,9 @@ class GreaterSearch:
         best = (initial_eval.key(), instruction, initial_eval)
         seen: dict[tuple[int, ...], Evaluation] = {tuple(instruction): initial_eval}
         result = SearchResult(
-            initial_instruction=self.layout.decode(instruction),
-            best_instruction=self.layout.decode(instruction),
-            final_instruction=self.layout.decode(instruction),
+            initial_instruction=self.layout.instruction_text(instruction),
+            best_instruction=self.layout.instruction_text(instruction),
+            final_instruction=self.layout.instruction_text(instruction),
             initial_heldout=_eval_dict(initial_eval),
             best_heldout=_eval_dict(initial_eval),
         )
@@ -369,10 +348,10 @@ class GreaterSearch:
         except KeyboardInterrupt:
             result.stopped_reason = "interrupted"
             logger.warning("GReaTer search interrupted; returning the best instruction found so far.")
-        result.best_instruction = self.layout.decode(best[1])
+        result.best_instruction = self.layout.instruction_text(best[1])
         result.best_heldout = _eval_dict(best[2])
         ranked = sorted(seen.items(), key=lambda kv: kv[1].key(), reverse=True)
-        result.top_instructions = [{"instruction": self.layout.decode(list(ids)), **_eval_dict(ev)} for ids, ev in ranked[:10]]
+        result.top_instructions = [{"instruction": self.layout.instruction_text(list(ids)), **_eval_dict(ev)} for ids, ev in ranked[:10]]
         result.seconds = time.perf_counter() - started
         return result
 
@@ -422,7 +401,7 @@ class GreaterSearch:
             chosen=winner["token"],
             changed=winner["token_id"] != current,
             loss=loss,
-            instruction=self.layout.decode(instruction),
+            instruction=self.layout.instruction_text(instruction),
             seconds=seconds,
             instruction_ids=instruction,
         )

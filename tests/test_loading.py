@@ -179,6 +179,24 @@ def test_dtype_resolution():
     assert resolve_dtype(ModelSpec(dtype="float16")) is torch.float16
 
 
+def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSPY_GREATER_CACHE", str(tmp_path / "c"))
+    assert loading.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("DSPY_GREATER_CACHE")
+    assert loading.default_cache_dir().parts[-2:] == (".cache", "dspy_greater")
+
+
+def test_cache_path_changes_with_the_file(tmp_path):
+    gguf = tmp_path / "My Model (v2).Q4_0.gguf"
+    gguf.write_bytes(b"x" * 10)
+    first = gguf_cache_path(gguf, tmp_path / "cache")
+    assert first.parent == tmp_path / "cache"
+    assert first.name.startswith("My_Model_v2_.Q4_0-")
+    assert gguf_cache_path(gguf, tmp_path / "cache") == first  # stable
+    gguf.write_bytes(b"y" * 11)
+    assert gguf_cache_path(gguf, tmp_path / "cache") != first
+
+
 def test_spec_is_frozen():
     with pytest.raises(AttributeError):
         ModelSpec().dtype = "float16"
