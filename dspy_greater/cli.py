@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save-program", default=None, help="save the optimized DSPy program (JSON) here")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=run_demo)
+
+    from dspy_greater.server import add_serve_subcommand
+
+    add_serve_subcommand(sub)
     return parser
 
 

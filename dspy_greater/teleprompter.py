@@ -18,6 +18,7 @@ import torch
 from dspy.teleprompt import Teleprompter
 from tqdm.auto import tqdm
 
+from dspy_greater.adapter import REASONING_FIELDS, format_inputs
 from dspy_greater.extractor import Extractor, derive_extractor
 from dspy_greater.layout import GreaterLayout
 from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
@@ -26,7 +27,6 @@ from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample, Sea
 
 logger = logging.getLogger(__name__)
 
-_REASONING_FIELDS = ("reasoning", "rationale")
 _SCALAR_TYPES = (str, int, float, bool)
 
 
@@ -41,10 +41,8 @@ class PredictorTask:
     extractor: Extractor
 
     def inputs_text(self, example: dspy.Example) -> str:
-        """The example's inputs as one text: the value alone for one field, else ``Name: value`` lines."""
-        if len(self.input_fields) == 1:
-            return str(example[self.input_fields[0]])
-        return "\n".join(f"{_title(name)}: {example[name]}" for name in self.input_fields)
+        """The example's inputs as one text, as :class:`GReaTerAdapter` formats them."""
+        return format_inputs(self.input_fields, example)
 
     def search_example(self, example: dspy.Example) -> SearchExample:
         return SearchExample(self.inputs_text(example), self.extractor.canonical(example[self.output_field]))
@@ -67,6 +65,10 @@ class GReaTerTeleprompter(Teleprompter):
         dtype, device, device_map, cache_dir, trust_remote_code: Model loading options (see
             :class:`ModelSpec`); ignored when ``model`` is a ``ModelSpec``.
         progress: Show a tqdm progress bar.
+        target_candidates: How many of the best distinct instructions found by the search (plus the
+            initial one) are scored on ``valset`` on the target LM (``dspy.settings.lm``) with
+            ``metric``; the best wins. 0 skips this and trusts the optimizer model's held-out score.
+        num_threads: Threads for ``dspy.Evaluate`` on the target LM.
         **config_overrides: Any :class:`GreaterConfig` field, e.g. ``num_steps=20``.
     """
 
@@ -84,6 +86,8 @@ class GReaTerTeleprompter(Teleprompter):
         cache_dir: str | None = None,
         trust_remote_code: bool = False,
         progress: bool = True,
+        target_candidates: int = 4,
+        num_threads: int = 4,
         **config_overrides,
     ):
         super().__init__()
@@ -109,6 +113,10 @@ class GReaTerTeleprompter(Teleprompter):
         self.extractor = extractor
         self.initial_instruction = initial_instruction
         self.progress = progress
+        if not isinstance(target_candidates, int) or target_candidates < 0:
+            raise ValueError(f"target_candidates must be a non-negative integer, got {target_candidates!r}.")
+        self.target_candidates = target_candidates
+        self.num_threads = num_threads
         self._lm: OptimizerLM | None = None
 
     # -- public API ----------------------------------------------------------------------------------
@@ -145,14 +153,49 @@ class GReaTerTeleprompter(Teleprompter):
                                 [task.search_example(e) for e in heldout], progress=on_step)
         finally:
             bar.close()
-        program = student.deepcopy()
-        target = dict(program.named_predictors())[name]
-        target.signature = target.signature.with_instructions(result.best_instruction)
-        program.greater_results = {name: _result_dict(result, task)}
+        results = _result_dict(result, task)
+        chosen = result.best_instruction
+        if self.target_candidates and valset and self.metric is not None and dspy.settings.lm is not None:
+            results["target_selection"] = self._select_on_target(student, name, result, valset)
+            chosen = results["target_selection"]["chosen"]
+        program = _with_instruction(student, name, chosen)
+        program.greater_results = {name: results}
         logger.info("GReaTer: %r -> %r (held-out accuracy on the optimizer model %.3f -> %.3f)",
                     result.initial_instruction, result.best_instruction,
                     result.initial_heldout["accuracy"], result.best_heldout["accuracy"])
         return program
+
+    def _select_on_target(self, student, name: str, result: SearchResult, valset) -> dict:
+        """Score the best distinct instructions on ``valset`` on the target LM; never loses the search result."""
+        ordered = [result.best_instruction, *(t["instruction"] for t in result.top_instructions), result.initial_instruction]
+        candidates = list(dict.fromkeys(ordered))[: self.target_candidates]
+        if result.initial_instruction not in candidates:
+            candidates.append(result.initial_instruction)  # the baseline is always measured
+        lm = dspy.settings.lm
+        adapter = dspy.settings.adapter
+        calls_per_example = 2 if adapter is not None and type(adapter).__name__ == "GReaTerAdapter" else 1
+        estimate = len(candidates) * len(valset) * calls_per_example
+        logger.info("Scoring %d instructions on %d valset examples on the target LM: about %d calls.",
+                    len(candidates), len(valset), estimate)
+        history_before = len(getattr(lm, "history", []))
+        scores, errors = {}, {}
+        evaluate = dspy.Evaluate(devset=list(valset), metric=self.metric, num_threads=self.num_threads,
+                                 display_progress=self.progress, provide_traceback=False)
+        for text in candidates:
+            try:
+                scores[text] = float(evaluate(_with_instruction(student, name, text)).score)
+            except Exception as exc:  # a failing target must not lose the search result
+                errors[text] = f"{type(exc).__name__}: {exc}"
+                logger.warning("Target-LM evaluation failed for %r: %s", text, errors[text])
+        history = getattr(lm, "history", [])[history_before:]
+        tokens = sum(int((entry.get("usage") or {}).get("total_tokens") or 0) for entry in history)
+        chosen = max(scores, key=lambda t: (scores[t], -candidates.index(t))) if scores else result.best_instruction
+        baseline = scores.get(result.initial_instruction)
+        logger.info("Target LM: baseline %s, chosen %.1f (%d calls, %d tokens).",
+                    "n/a" if baseline is None else f"{baseline:.1f}", scores.get(chosen, float("nan")),
+                    len(history), tokens)
+        return {"candidates": candidates, "scores": scores, "errors": errors, "chosen": chosen,
+                "baseline": baseline, "estimated_calls": estimate, "calls": len(history), "tokens": tokens}
 
     def optimizer_predictions(self, program: dspy.Module, examples: list) -> tuple[list[str | None], list[str]]:
         """The optimizer model's answers on ``examples`` under ``program``'s current instruction.
@@ -178,6 +221,7 @@ class GReaTerTeleprompter(Teleprompter):
     def get_params(self) -> dict:
         """Hyper-parameters as plain data."""
         return {"config": dict(vars(self.config)), "model": dict(vars(self.model_spec)),
+                "target_candidates": self.target_candidates, "num_threads": self.num_threads,
                 "extractor": self.extractor if not isinstance(self.extractor, Extractor) else vars(self.extractor),
                 "initial_instruction": self.initial_instruction}
 
@@ -198,7 +242,7 @@ class GReaTerTeleprompter(Teleprompter):
         name, predictor = predictors[0]
         signature = predictor.signature
         inputs = tuple(signature.input_fields)
-        outputs = [k for k in signature.output_fields if k not in _REASONING_FIELDS]
+        outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
         for field_name in [*inputs, *outputs]:
             annotation = signature.fields[field_name].annotation
             if not _is_text_type(annotation):
@@ -318,11 +362,14 @@ def _is_text_type(annotation) -> bool:
     return typing.get_origin(annotation) is typing.Literal
 
 
-def _title(name: str) -> str:
-    return name.replace("_", " ").strip().capitalize()
+def _with_instruction(program: dspy.Module, name: str, instruction: str) -> dspy.Module:
+    copy = program.deepcopy()
+    predictor = dict(copy.named_predictors())[name]
+    predictor.signature = predictor.signature.with_instructions(instruction)
+    return copy
 
 
 def _result_dict(result: SearchResult, task: PredictorTask) -> dict:
     data = result.to_dict()
-    data["extractor"] = {"kind": task.extractor.kind, "text": task.extractor.text, "choices": list(task.extractor.choices)}
+    data["extractor"] = {"field": task.output_field, "kind": task.extractor.kind, "text": task.extractor.text, "choices": list(task.extractor.choices)}
     return data

