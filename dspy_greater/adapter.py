@@ -10,6 +10,7 @@ reasoning, then a short answer.
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
 
@@ -17,9 +18,14 @@ import dspy
 from dspy.adapters.base import Adapter
 from dspy.utils.exceptions import AdapterParseError
 
-from dspy_greater.extractor import Extractor, derive_extractor
+from dspy_greater.extractor import _OPTION_LINE, Extractor, _dash_options, derive_extractor
 
 REASONING_FIELDS = ("reasoning", "rationale")
+_DEFAULT_REASONING_TOKENS = 256
+_TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
+_LEADING_PAREN_LETTER = re.compile(r"^[\s*_`\"']*\(\s*[A-Za-z]\s*\)")
+_BARE_LETTER_LINE = re.compile(r"^[\s*_`\"']*[A-Za-z][.)]?[\s*_`\"'.]*$")
+_NUMBER = re.compile(r"[+\-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?|[+\-\u2212]?\.\d+")
 
 
 def format_inputs(names: typing.Sequence[str], values: dict[str, Any]) -> str:
@@ -35,8 +41,13 @@ def answer_fields(signature: type[dspy.Signature]) -> list[str]:
     return [name for name in signature.output_fields if name not in REASONING_FIELDS]
 
 
-def extractor_for_field(signature: type[dspy.Signature], name: str) -> Extractor:
-    """An extractor derived from an output field's type alone (used when no labels are known)."""
+def extractor_for_field(signature: type[dspy.Signature], name: str, inputs_text: str | None = None) -> Extractor:
+    """An extractor derived from an output field's type (used when no labels are known).
+
+    A ``str`` field whose inputs list options (``(A) ...`` lines, or the same ``- option`` lines as
+    BBH's navigate/web_of_lies) gets a closed extractor over those options, as the optimizer
+    derives from labels and inputs; otherwise a free-text extractor.
+    """
     field = signature.output_fields[name]
     annotation = field.annotation
     desc = (field.json_schema_extra or {}).get("desc")
@@ -47,18 +58,39 @@ def extractor_for_field(signature: type[dspy.Signature], name: str) -> Extractor
         return derive_extractor(name, desc, ["True", "False"], [])
     if annotation is int:
         return derive_extractor(name, desc, ["0", "1"], [])
+    if annotation is str and inputs_text:
+        letters = sorted({m.group(1) for m in _OPTION_LINE.finditer(inputs_text)})
+        if len(letters) >= 2:
+            return derive_extractor(name, desc, [f"({c})" for c in letters], [inputs_text])
+        options = _dash_options([inputs_text])
+        if options:
+            return derive_extractor(name, desc, list(options), [inputs_text])
     return derive_extractor(name, desc, ["free text"], [])
 
 
 def _coerce(value: str | None, annotation) -> Any:
+    """The parsed label as the field's type; ``ValueError`` when it does not convert."""
     if value is None:
         return None
+    if typing.get_origin(annotation) is typing.Literal:
+        for option in typing.get_args(annotation):
+            if str(option).casefold() == value.strip().casefold():
+                return option
+        raise ValueError(f"{value!r} is not one of {list(typing.get_args(annotation))}")
     if annotation is bool:
-        return value.strip().casefold() in ("true", "yes", "valid")
+        folded = value.strip().casefold()
+        if folded in ("true", "yes", "valid"):
+            return True
+        if folded in ("false", "no", "invalid"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
     if annotation is int:
         return int(value)
     if annotation is float:
-        return float(value)
+        match = _NUMBER.search(value)
+        if match is None:
+            raise ValueError(f"{value!r} holds no number")
+        return float(match.group(0).replace(",", "").replace("\u2212", "-"))
     return value
 
 
@@ -68,8 +100,9 @@ class GReaTerAdapter(Adapter):
     Args:
         extractors: Extractor per output field name (as found by ``GReaTerTeleprompter``; see
             :meth:`from_program`). Fields without one get an extractor derived from their type.
-        max_reasoning_tokens: Token limit of the reasoning call (``max_tokens`` in ``lm_kwargs``
-            takes precedence).
+        max_reasoning_tokens: Token limit of the reasoning call. ``None`` (the default): the LM's own
+            ``max_tokens`` (e.g. ``dspy.LM(..., max_tokens=64)``), else 256. A ``max_tokens`` in the
+            predictor's config (``lm_kwargs``) takes precedence over both.
         answer_tokens: Token limit of the answer call.
         separator: Text between the inputs and the instruction (the optimizer layout's).
     """
@@ -78,7 +111,7 @@ class GReaTerAdapter(Adapter):
         self,
         extractors: dict[str, Extractor] | None = None,
         *,
-        max_reasoning_tokens: int = 256,
+        max_reasoning_tokens: int | None = None,
         answer_tokens: int = 16,
         separator: str = "\n\n",
         callbacks=None,
@@ -99,8 +132,13 @@ class GReaTerAdapter(Adapter):
                 extractors[spec["field"]] = Extractor(spec["kind"], spec["text"], tuple(spec["choices"]))
         return cls(extractors, **kwargs)
 
-    def extractor(self, signature: type[dspy.Signature], name: str) -> Extractor:
-        return self.extractors.get(name) or extractor_for_field(signature, name)
+    def extractor(self, signature: type[dspy.Signature], name: str, inputs: dict[str, Any] | None = None) -> Extractor:
+        """The extractor for output field ``name``: the given one, else derived from the field's type
+        (and, for ``str`` fields, from options listed in ``inputs``)."""
+        if name in self.extractors:
+            return self.extractors[name]
+        text = "\n".join(str(inputs[k]) for k in signature.input_fields if k in inputs) if inputs else None
+        return extractor_for_field(signature, name, text)
 
     # -- formatting and parsing ----------------------------------------------------------------------
 
@@ -120,7 +158,7 @@ class GReaTerAdapter(Adapter):
         reasoning = next((str(demo[k]) for k in REASONING_FIELDS if k in demo and demo[k]), "")
         parts = [reasoning] if reasoning else []
         for name in answer_fields(signature):
-            ext = self.extractor(signature, name)
+            ext = self.extractor(signature, name, demo)
             parts.append(f"{ext.text.strip()}{ext.target(demo[name]) if ext.accepts(demo[name]) else ' ' + str(demo[name])}")
         return "\n".join(parts)
 
@@ -132,8 +170,9 @@ class GReaTerAdapter(Adapter):
             label = _label_near_end(ext, completion)
             if label is None:
                 raise AdapterParseError(adapter_name="GReaTerAdapter", signature=signature, lm_response=completion,
-                                        message=f"No answer for {name!r} found in the completion.")
-            values[name] = _coerce(label, signature.output_fields[name].annotation)
+                                        message=f"No answer for {name!r} found in the completion "
+                                                f"(expected {_expected(ext)}).")
+            values[name] = _coerced(signature, name, label, completion)
         for name in REASONING_FIELDS:
             if name in signature.output_fields:
                 values[name] = completion.strip()
@@ -142,30 +181,81 @@ class GReaTerAdapter(Adapter):
     # -- the LM calls ----------------------------------------------------------------------------------
 
     def __call__(self, lm, lm_kwargs, signature, demos, inputs) -> list[dict[str, Any]]:
+        messages, kwargs = self._reasoning_request(lm, lm_kwargs, signature, demos, inputs)
+        outputs = lm(messages=messages, **kwargs)
+        results = []
+        for output in outputs:
+            reasoning = _text(output)
+            replies = {}
+            for name, follow_up, answer_kwargs in self._answer_requests(signature, inputs, messages, kwargs, reasoning):
+                replies[name] = _text(lm(messages=follow_up, **answer_kwargs)[0])
+            results.append(self._values(signature, inputs, reasoning, replies))
+        return results
+
+    async def acall(self, lm, lm_kwargs, signature, demos, inputs) -> list[dict[str, Any]]:
+        messages, kwargs = self._reasoning_request(lm, lm_kwargs, signature, demos, inputs)
+        outputs = await lm.acall(messages=messages, **kwargs)
+        results = []
+        for output in outputs:
+            reasoning = _text(output)
+            replies = {}
+            for name, follow_up, answer_kwargs in self._answer_requests(signature, inputs, messages, kwargs, reasoning):
+                replies[name] = _text((await lm.acall(messages=follow_up, **answer_kwargs))[0])
+            results.append(self._values(signature, inputs, reasoning, replies))
+        return results
+
+    def _reasoning_request(self, lm, lm_kwargs, signature, demos, inputs):
         messages = self.format(signature, demos, inputs)
         kwargs = {k: v for k, v in lm_kwargs.items() if k not in ("tools", "tool_choice", "parallel_tool_calls")}
-        kwargs.setdefault("max_tokens", self.max_reasoning_tokens)
-        outputs = lm(messages=messages, **kwargs)
-        return [self._answer(lm, kwargs, signature, messages, _text(output)) for output in outputs]
+        if not any(kwargs.get(k) for k in _TOKEN_LIMIT_KEYS):
+            lm_own = getattr(lm, "kwargs", None) or {}
+            if self.max_reasoning_tokens is not None:
+                kwargs["max_tokens"] = self.max_reasoning_tokens
+            elif not any(lm_own.get(k) for k in _TOKEN_LIMIT_KEYS):
+                kwargs["max_tokens"] = _DEFAULT_REASONING_TOKENS
+            # else: the LM's own limit applies (dspy.LM merges its kwargs under these)
+        return messages, kwargs
 
-    def _answer(self, lm, kwargs, signature, messages, reasoning: str) -> dict[str, Any]:
+    def _answer_requests(self, signature, inputs, messages, kwargs, reasoning: str):
+        answer_kwargs = {k: v for k, v in kwargs.items() if k != "max_completion_tokens"}
+        answer_kwargs.update(max_tokens=self.answer_tokens, n=1)
+        for name in answer_fields(signature):
+            ext = self.extractor(signature, name, inputs)
+            follow_up = [*messages, {"role": "assistant", "content": reasoning.strip() or "..."},
+                         {"role": "user", "content": ext.text.strip()}]
+            yield name, follow_up, answer_kwargs
+
+    def _values(self, signature, inputs, reasoning: str, replies: dict[str, str]) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name in REASONING_FIELDS:
             if name in signature.output_fields:
                 values[name] = reasoning.strip()
-        answer_kwargs = {**kwargs, "max_tokens": self.answer_tokens, "n": 1}
         for name in answer_fields(signature):
-            ext = self.extractor(signature, name)
-            follow_up = [*messages, {"role": "assistant", "content": reasoning.strip() or "..."},
-                         {"role": "user", "content": ext.text.strip()}]
-            reply = _text(lm(messages=follow_up, **answer_kwargs)[0])
-            label = ext.label_of(reply) or _label_near_end(ext, f"{reasoning}\n{reply}")
+            ext = self.extractor(signature, name, inputs)
+            reply = replies[name]
+            label = _label_of_reply(ext, reply) or _label_near_end(ext, f"{reasoning}\n{reply}")
             if label is None:
                 raise AdapterParseError(adapter_name="GReaTerAdapter", signature=signature,
                                         lm_response=f"{reasoning}\n---\n{reply}",
-                                        message=f"The target LM's answer for {name!r} could not be parsed.")
-            values[name] = _coerce(label, signature.output_fields[name].annotation)
+                                        message=f"The target LM's answer for {name!r} could not be parsed "
+                                                f"(expected {_expected(ext)}; the answer call replied {reply!r}).")
+            values[name] = _coerced(signature, name, label, f"{reasoning}\n---\n{reply}")
         return values
+
+
+def _expected(ext: Extractor) -> str:
+    if ext.closed:
+        return "one of " + ", ".join(ext.choices)
+    return "an integer" if ext.kind == "integer" else "a non-empty answer"
+
+
+def _coerced(signature, name: str, label: str, response: str) -> Any:
+    try:
+        return _coerce(label, signature.output_fields[name].annotation)
+    except ValueError as error:
+        raise AdapterParseError(adapter_name="GReaTerAdapter", signature=signature, lm_response=response,
+                                message=f"The answer {label!r} for {name!r} does not convert to the field's type: {error}"
+                                ) from None
 
 
 def _text(output) -> str:
@@ -174,8 +264,27 @@ def _text(output) -> str:
     return output or ""
 
 
-def _label_near_end(ext: Extractor, text: str) -> str | None:
-    """The last parseable answer in ``text``: tries each line from the end, then "answer is X"."""
+def _label_of_reply(ext: Extractor, reply: str) -> str | None:
+    """The label in the answer call's reply: "answer is X" first for free text, else its start."""
+    if ext.kind == "text":
+        return _marked_label(ext, reply) or ext.label_of(reply)
+    return ext.label_of(reply)
+
+
+def _marked_label(ext: Extractor, text: str) -> str | None:
+    """The answer after the last echo of the extractor prompt, else the last "answer is X" /
+    "answer: X" in ``text`` that parses. The prompt's own hint ("(Yes or No)", "(one of (A), (B))")
+    is ignored, so an echoed prompt does not read as its first option."""
+    prompt = ext.text.strip().rstrip("(").strip()
+    if prompt:
+        at = text.casefold().rfind(prompt.casefold())
+        if at >= 0:
+            label = ext.label_of(text[at + len(prompt):])
+            if label is not None:
+                return label
+    hint = re.search(r"\(.*\)", prompt)
+    if hint:
+        text = re.sub(r"[ \t]*" + re.escape(hint.group(0)) + r"[ \t]*", " ", text, flags=re.IGNORECASE)
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     for line in reversed(lines):
         lowered = line.casefold()
@@ -184,6 +293,23 @@ def _label_near_end(ext: Extractor, text: str) -> str | None:
                 label = ext.label_of(line[lowered.rindex(marker) + len(marker):])
                 if label is not None:
                     return label
-    if lines and ext.kind != "text":
-        return ext.label_of(lines[-1])
+    return None
+
+
+def _label_near_end(ext: Extractor, text: str) -> str | None:
+    """The last parseable answer in ``text``: "answer is X" from the end; else, for an integer, the
+    last line's; for a choice, the last line that starts with one; for a letter, the last line that
+    starts with "(X)" or is a bare letter (so that "A man ..." does not read as option A)."""
+    label = _marked_label(ext, text)
+    if label is not None or ext.kind == "text":
+        return label
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if ext.kind == "integer":
+        return ext.label_of(lines[-1]) if lines else None
+    for line in reversed(lines):
+        if ext.kind == "letter" and not (_LEADING_PAREN_LETTER.match(line) or _BARE_LETTER_LINE.match(line)):
+            continue
+        label = ext.label_of(line)
+        if label is not None:
+            return label
     return None

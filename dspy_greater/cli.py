@@ -10,6 +10,8 @@ import sys
 import time
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not reach for the network
+# Spinning OpenMP threads slow every op many times over when another process shares the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _summary_rows(label: str, instruction: str, golds, preds) -> dict:

@@ -76,6 +76,7 @@ class OptimizerLM:
             size = len(self.tokenizer)
             texts = self.tokenizer.batch_decode([[i] for i in range(size)])
             special = set(self.tokenizer.all_special_ids)
+            special |= {i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special}
             mask = torch.zeros(size, dtype=torch.bool)
             for i, text in enumerate(texts):
                 if i in special or not text or "\ufffd" in text:
@@ -88,6 +89,14 @@ class OptimizerLM:
                     mask[i] = True
             self._masks[mode] = mask
         return self._masks[mode]
+
+    def leading_space_mask(self) -> torch.Tensor:
+        """Tokens whose text starts with whitespace (kept out of an instruction's first position,
+        where the layout already separates it, so the instruction text round-trips)."""
+        if "_leading_space" not in self._masks:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._masks["_leading_space"] = torch.tensor([t[:1].isspace() for t in texts], dtype=torch.bool)
+        return self._masks["_leading_space"]
 
     # -- forward helpers -------------------------------------------------------------------------
 

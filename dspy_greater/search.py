@@ -103,14 +103,15 @@ class GreaterConfig:
         positive = ["num_steps", "topk", "intersect_q", "intersect_size", "min_candidates", "num_finalists",
                     "max_reasoning_tokens", "max_instruction_tokens", "eval_every", "model_batch_size",
                     "answer_tokens"]
-        for name in positive:
+        for name in [*positive, "topk_growth"]:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GreaterConfig.{name} must be a positive integer, got {value!r}.")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"GreaterConfig.batch_size must be a positive integer or None, got {self.batch_size!r}.")
-        if self.topk_growth < 1:
-            raise ValueError("GreaterConfig.topk_growth must be at least 1, or the candidate search never grows.")
+        for name in ("fluency_weight", "score_fluency_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GreaterConfig.{name} must be >= 0 (the paper uses 0.2 and 0.02).")
         if self.answer_temperature <= 0:
             raise ValueError("GreaterConfig.answer_temperature must be > 0 (the paper uses 0.2).")
         if self.reasoning_temperature < 0:
@@ -250,6 +251,8 @@ class GreaterSearch:
         allowed = self._allowed.clone()
         if position > 0:
             allowed[instruction[position - 1]] = False
+        else:
+            allowed &= ~self.lm.leading_space_mask()
         width = min(len(allowed), logprobs.shape[1])
         logprobs = logprobs[:, :width].masked_fill(~allowed[:width], -math.inf)
         current = instruction[position] if position < len(instruction) else None
@@ -311,6 +314,7 @@ class GreaterSearch:
         """Optimize ``initial_instruction`` on ``train``; keep the best instruction on ``heldout``."""
         cfg = self.config
         rng = random.Random(cfg.seed)
+        torch.manual_seed(cfg.seed)  # sampled reasoning (reasoning_temperature > 0) is reproducible too
         started = time.perf_counter()
         instruction = self.layout.encode(initial_instruction)
         if not instruction:

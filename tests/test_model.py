@@ -217,10 +217,14 @@ def test_gradient_predicts_actual_loss_changes(gradients, substituted_scores, la
     """First-order prediction grad[c] - grad[current] vs the actual change of the token-id loss
     when c replaces the current token (same reasoning): positively rank-correlated.
 
-    Deliberately one position (the final "."), where the linearization is good for this model.
-    At other positions of other instructions the 135M model's loss is far from linear in the
-    token swap (e.g. " step" in "Think step by step." has Spearman about -0.8), so the test
-    documents a setting where the paper's premise holds, not that it holds everywhere.
+    Deliberately one position: the final "." of "Answer the question carefully.", with these three
+    examples and ten candidates; measured concordance 0.84 (fluency weight 0) and 0.73 (0.2),
+    Spearman 0.78 and 0.62. The final "." scored 0.69-0.89 over three different example sets.
+    Elsewhere the 135M model's loss is far from linear in a token swap: at the other positions of
+    this instruction concordance is 0.27-0.67 (about 0.53-0.56 pooled over all five), and " step"
+    in "Think step by step." is anti-concordant (about 0.2, Spearman about -0.8), although the
+    gradient itself is exact (see the reference test above). So this documents a setting where
+    the paper's premise holds, not that it holds at every position for this small model.
     """
     _, grad = gradients[fluency_weight]
     actual = [_token_path_loss(scores, fluency_weight) for scores in substituted_scores]
