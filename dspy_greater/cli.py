@@ -29,9 +29,33 @@ def _print_table(rows: list[dict]) -> None:
     print()
 
 
+def _target_accuracy(program, examples, metric, threads: int) -> tuple[float, list]:
+    """Accuracy (0-1) of ``program`` on the configured target LM, and its answers."""
+    import dspy
+
+    result = dspy.Evaluate(devset=examples, metric=metric, num_threads=threads, display_progress=False,
+                           provide_traceback=False)(program)
+    answers = [getattr(pred, "answer", None) for _, pred, _ in result.results]
+    return float(result.score) / 100.0, answers
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     """Optimize a ChainOfThought program's instruction on a BBH task and report before/after."""
+    if args.target:
+        from dspy_greater.server import LlamaCppServer
+
+        with LlamaCppServer(None if args.target == "smollm2" else args.target) as server:
+            print(f"Target LM: {server.alias} served by llama.cpp at {server.api_base}")
+            return _run_demo(args, server)
+    return _run_demo(args, None)
+
+
+def _run_demo(args: argparse.Namespace, server) -> dict:
+    import contextlib
+
     import dspy
+
+    from dspy_greater.adapter import GReaTerAdapter
 
     from dspy_greater import GReaTerTeleprompter
     from dspy_greater.data import load_examples, split_examples
@@ -48,13 +72,23 @@ def run_demo(args: argparse.Namespace) -> dict:
         program.predict.signature = program.predict.signature.with_instructions(args.instruction)
     teleprompter = GReaTerTeleprompter(
         metric=exact_match, model=args.model, num_steps=args.steps, seed=args.seed, progress=not args.quiet,
+        num_threads=args.threads,
     )
+    target = dspy.context(lm=server.lm(max_tokens=args.target_tokens), adapter=GReaTerAdapter(
+        max_reasoning_tokens=args.target_tokens)) if server else contextlib.nullcontext()
     print("Scoring the initial instruction on the test examples with the optimizer model ...", flush=True)
     preds, golds = teleprompter.optimizer_predictions(program, test)
     before = _summary_rows("before", program.predict.signature.instructions, golds, preds)
-    optimized = teleprompter.compile(program, trainset=train, valset=val)
-    preds, golds = teleprompter.optimizer_predictions(optimized, test)
-    after = _summary_rows("after", optimized.predict.signature.instructions, golds, preds)
+    with target:
+        if server:
+            print("... and on the target LM ...", flush=True)
+            before["target_accuracy"], before["target_answers"] = _target_accuracy(program, test, exact_match, args.threads)
+        optimized = teleprompter.compile(program, trainset=train, valset=val)
+        preds, golds = teleprompter.optimizer_predictions(optimized, test)
+        after = _summary_rows("after", optimized.predict.signature.instructions, golds, preds)
+        if server:
+            after["target_accuracy"], after["target_answers"] = _target_accuracy(optimized, test, exact_match, args.threads)
+            calls = len(dspy.settings.lm.history)
     elapsed = time.perf_counter() - started
 
     print(f"\nInitial instruction:   {before['instruction']!r}")
@@ -62,6 +96,13 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"\nOptimizer model's answers on {len(test)} held-out test examples "
           "(balanced = mean recall per label; a model that always gives one label scores 1/#labels):")
     _print_table([before, after])
+    if server:
+        print(f"Target LM ({server.alias}) accuracy on the same test examples: "
+              f"before {before['target_accuracy']:.3f}, after {after['target_accuracy']:.3f}; "
+              f"{calls} target-LM calls in all.")
+        selection = optimized.greater_results["predict"].get("target_selection")
+        if selection:
+            print(f"Target-aware selection on {len(val)} held-out examples: {selection['scores']}")
     print(f"Total time {elapsed / 60:.1f} min.")
     report = {"task": args.task, "seed": args.seed, "steps": args.steps, "before": before, "after": after,
               "seconds": elapsed, "search": optimized.greater_results}
@@ -86,14 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-key", default=None, help="column holding the answer (task files)")
     demo.add_argument("--model", default=None, help="optimizer model: hub id, folder or .gguf (default: embedded SmolLM2-135M)")
     demo.add_argument("--train", type=int, default=24)
-    demo.add_argument("--val", type=int, default=16)
+    demo.add_argument("--val", type=int, default=12)
     demo.add_argument("--test", type=int, default=40)
-    demo.add_argument("--steps", type=int, default=12)
+    demo.add_argument("--steps", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--instruction", default=None, help="initial instruction (default: the program's own)")
     demo.add_argument("--output", default=None, help="write a JSON report here")
     demo.add_argument("--save-program", default=None, help="save the optimized DSPy program (JSON) here")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--target", default=None,
+                      help="also evaluate on a target LM served by llama.cpp: 'smollm2', 'gemma3-270m' or a .gguf path")
+    demo.add_argument("--target-tokens", type=int, default=128, help="reasoning token limit on the target LM")
+    demo.add_argument("--threads", type=int, default=2, help="threads for target-LM evaluation")
     demo.set_defaults(func=run_demo)
 
     from dspy_greater.server import add_serve_subcommand

@@ -230,12 +230,17 @@ class OptimizerLM:
         *,
         answer_temperature: float,
         fluency_weight: float,
+        scores_out: list[SequenceScore] | None = None,
     ) -> tuple[float, torch.Tensor]:
         """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
 
         The instruction token at ``position`` (offset within the instruction) must be one of the
         candidates; its embedding is replaced by ``one_hot @ E[candidates]``, so the loss equals the
         token-id loss while the gradient ranks every candidate at once.
+
+        Args:
+            scores_out: If given, receives each sequence's :class:`SequenceScore` from the same
+                forward pass (the current instruction's score comes for free with its gradient).
 
         Returns:
             The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
@@ -258,9 +263,11 @@ class OptimizerLM:
             mixed = (one_hot @ candidate_rows).expand(len(chunk), -1)
             embeds = embeds.index_put((rows, cols), mixed)
             hidden = self._hidden(mask, embeds=embeds)
-            losses, fluencies, _ = self._span_terms(
+            losses, fluencies, correct = self._span_terms(
                 hidden, chunk, answer_temperature, fluency_targets=(position, lambda lp: one_hot @ lp[cand])
             )
+            if scores_out is not None:
+                scores_out += [SequenceScore(float(a.detach()), c, float(f.detach())) for a, f, c in zip(losses, fluencies, correct)]
             loss = sum(a + fluency_weight * f for a, f in zip(losses, fluencies)) / len(seqs)
             loss.backward()
             total += float(loss.detach())

@@ -18,7 +18,7 @@ import torch
 
 from dspy_greater.extractor import Extractor
 from dspy_greater.layout import GreaterLayout, Sequence
-from dspy_greater.model import OptimizerLM
+from dspy_greater.model import OptimizerLM, SequenceScore
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class GreaterConfig:
         seed: Seed for Python, NumPy and torch.
     """
 
-    num_steps: int = 12
-    batch_size: int | None = 8
+    num_steps: int = 10
+    batch_size: int | None = 6
     topk: int = 11
     intersect_q: int = 6
     intersect_size: int = 5
@@ -77,7 +77,7 @@ class GreaterConfig:
     finalist_scoring: str = "teacher_forced"
     keep_current: bool = True
     max_instruction_tokens: int = 48
-    eval_every: int = 4
+    eval_every: int = 5
     allowed_tokens: str = "words"
     model_batch_size: int = 8
     answer_tokens: int = 8
@@ -274,6 +274,9 @@ class GreaterSearch:
         """Mistake rate, answer loss and fluency of an instruction on examples (teacher-forced)."""
         reasoning = reasoning if reasoning is not None else self.reasoning(instruction, examples)
         scores = self.lm.score(self.sequences(instruction, examples, reasoning), answer_temperature=self.config.answer_temperature)
+        return self._summarize_scores(scores)
+
+    def _summarize_scores(self, scores: list[SequenceScore]) -> dict:
         n = len(scores)
         mistakes = sum(not s.correct for s in scores) / n
         fluency = sum(s.fluency for s in scores) / n
@@ -379,8 +382,10 @@ class GreaterSearch:
 
         t0 = time.perf_counter()
         seqs = self.sequences(instruction, batch, reasoning)
+        current_scores: list[SequenceScore] = []
         loss, grad = self.lm.one_hot_gradient(
-            seqs, position, candidates, answer_temperature=cfg.answer_temperature, fluency_weight=cfg.fluency_weight
+            seqs, position, candidates, answer_temperature=cfg.answer_temperature, fluency_weight=cfg.fluency_weight,
+            scores_out=current_scores,
         )
         seconds["gradient"] = time.perf_counter() - t0
 
@@ -390,8 +395,11 @@ class GreaterSearch:
         scored = []
         for token in finalists + ([current] if cfg.keep_current else []):
             trial = [*instruction[:position], token, *instruction[position + 1 :]]
-            reuse = reasoning if cfg.finalist_scoring == "teacher_forced" or token == current else None
-            score = self.score_instruction(trial, batch, reuse)
+            if token == current:
+                score = self._summarize_scores(current_scores)  # same sequences as the gradient pass
+            else:
+                reuse = reasoning if cfg.finalist_scoring == "teacher_forced" else None
+                score = self.score_instruction(trial, batch, reuse)
             scored.append({"token": self.layout.decode([token]), "token_id": token,
                            "gradient": float(grad[candidates.index(token)]), **score})
         winner = min(scored, key=lambda s: (s["score"], s["answer_loss"]))

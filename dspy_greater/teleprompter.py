@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import random
 import typing
 from dataclasses import dataclass, replace
@@ -179,11 +180,16 @@ class GReaTerTeleprompter(Teleprompter):
                     len(candidates), len(valset), estimate)
         history_before = len(getattr(lm, "history", []))
         scores, errors = {}, {}
+        # Evaluate turns a failed example into ``failure_score``; NaN keeps failures apart from wrong answers.
         evaluate = dspy.Evaluate(devset=list(valset), metric=self.metric, num_threads=self.num_threads,
-                                 display_progress=self.progress, provide_traceback=False)
+                                 display_progress=self.progress, provide_traceback=False, failure_score=math.nan)
         for text in candidates:
             try:
-                scores[text] = float(evaluate(_with_instruction(student, name, text)).score)
+                outcome = evaluate(_with_instruction(student, name, text))
+                failed = sum(1 for *_, score in outcome.results if isinstance(score, float) and math.isnan(score))
+                if failed:
+                    raise RuntimeError(f"{failed} of {len(valset)} examples failed on the target LM")
+                scores[text] = float(outcome.score)
             except Exception as exc:  # a failing target must not lose the search result
                 errors[text] = f"{type(exc).__name__}: {exc}"
                 logger.warning("Target-LM evaluation failed for %r: %s", text, errors[text])
@@ -305,8 +311,7 @@ class GReaTerTeleprompter(Teleprompter):
         instruction = search.layout.encode(self.initial_instruction or task.instruction)
         room = self.config.max_reasoning_tokens + len(search.extractor_ids) + 16
         room += max(len(instruction), self.config.max_instruction_tokens)
-        longest = max(len(search.layout.frame(task.inputs_text(e))[0]) + len(search.layout.frame(task.inputs_text(e))[1])
-                      for e in examples)
+        longest = max(len(search.layout.prompt(task.inputs_text(e), []).ids) for e in examples)
         if longest + room > limit:
             raise ValueError(
                 f"The longest example ({longest} tokens) plus instruction, reasoning ({self.config.max_reasoning_tokens}) "
