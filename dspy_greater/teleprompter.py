@@ -6,10 +6,11 @@ driven through :class:`~dspy_greater.search.GreaterSearch`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
-import math
 import random
+import threading
 import typing
 from dataclasses import dataclass, replace
 
@@ -17,9 +18,10 @@ import dspy
 import numpy as np
 import torch
 from dspy.teleprompt import Teleprompter
+from dspy.utils.exceptions import AdapterParseError
 from tqdm.auto import tqdm
 
-from dspy_greater.adapter import REASONING_FIELDS, format_inputs
+from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs
 from dspy_greater.extractor import Extractor, derive_extractor
 from dspy_greater.layout import GreaterLayout
 from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
@@ -157,7 +159,7 @@ class GReaTerTeleprompter(Teleprompter):
         results = _result_dict(result, task)
         chosen = result.best_instruction
         if self.target_candidates and valset and self.metric is not None and dspy.settings.lm is not None:
-            results["target_selection"] = self._select_on_target(student, name, result, valset)
+            results["target_selection"] = self._select_on_target(student, name, task, result, valset)
             chosen = results["target_selection"]["chosen"]
         program = _with_instruction(student, name, chosen)
         program.greater_results = {name: results}
@@ -166,33 +168,51 @@ class GReaTerTeleprompter(Teleprompter):
                     result.initial_heldout["accuracy"], result.best_heldout["accuracy"])
         return program
 
-    def _select_on_target(self, student, name: str, result: SearchResult, valset) -> dict:
-        """Score the best distinct instructions on ``valset`` on the target LM; never loses the search result."""
+    def _select_on_target(self, student, name: str, task: PredictorTask, result: SearchResult, valset) -> dict:
+        """Score the best distinct instructions on ``valset`` on the target LM; never loses the search result.
+
+        An answer the adapter cannot parse counts as wrong; an LM failure (server down, timeout)
+        puts the candidate under ``errors`` instead of giving it a score.
+        """
         ordered = [result.best_instruction, *(t["instruction"] for t in result.top_instructions), result.initial_instruction]
         candidates = list(dict.fromkeys(ordered))[: self.target_candidates]
         if result.initial_instruction not in candidates:
             candidates.append(result.initial_instruction)  # the baseline is always measured
         lm = dspy.settings.lm
         adapter = dspy.settings.adapter
-        calls_per_example = 2 if adapter is not None and type(adapter).__name__ == "GReaTerAdapter" else 1
-        estimate = len(candidates) * len(valset) * calls_per_example
+        if isinstance(adapter, GReaTerAdapter) and task.output_field not in adapter.extractors:
+            adapter = copy.copy(adapter)  # score in the search's own answer format
+            adapter.extractors = {**adapter.extractors, task.output_field: task.extractor}
+        estimate = len(candidates) * len(valset) * (2 if isinstance(adapter, GReaTerAdapter) else 1)
         logger.info("Scoring %d instructions on %d valset examples on the target LM: about %d calls.",
                     len(candidates), len(valset), estimate)
         history_before = len(getattr(lm, "history", []))
-        scores, errors = {}, {}
-        # Evaluate turns a failed example into ``failure_score``; NaN keeps failures apart from wrong answers.
         evaluate = dspy.Evaluate(devset=list(valset), metric=self.metric, num_threads=self.num_threads,
-                                 display_progress=self.progress, provide_traceback=False, failure_score=math.nan)
+                                 display_progress=self.progress, provide_traceback=False, max_errors=len(valset) + 1)
+        scores, errors, unparsed, target_down = {}, {}, {}, None
         for text in candidates:
+            if target_down:
+                errors[text] = f"skipped: {target_down}"
+                continue
+            failures: list[Exception] = []
+            run = _recording_failures(_with_instruction(student, name, text), failures)
             try:
-                outcome = evaluate(_with_instruction(student, name, text))
-                failed = sum(1 for *_, score in outcome.results if isinstance(score, float) and math.isnan(score))
-                if failed:
-                    raise RuntimeError(f"{failed} of {len(valset)} examples failed on the target LM")
-                scores[text] = float(outcome.score)
+                with dspy.context(adapter=adapter):
+                    outcome = evaluate(run)
             except Exception as exc:  # a failing target must not lose the search result
                 errors[text] = f"{type(exc).__name__}: {exc}"
+                continue
+            lm_failures = [e for e in failures if not isinstance(e, AdapterParseError)]
+            if lm_failures:
+                errors[text] = (f"{len(lm_failures)} of {len(valset)} examples failed on the target LM: "
+                                f"{type(lm_failures[0]).__name__}: {lm_failures[0]}")
                 logger.warning("Target-LM evaluation failed for %r: %s", text, errors[text])
+                if len(lm_failures) == len(valset):
+                    target_down = "the target LM failed on every example of the previous candidate"
+                continue
+            scores[text] = float(outcome.score)
+            if failures:
+                unparsed[text] = len(failures)
         history = getattr(lm, "history", [])[history_before:]
         tokens = sum(int((entry.get("usage") or {}).get("total_tokens") or 0) for entry in history)
         chosen = max(scores, key=lambda t: (scores[t], -candidates.index(t))) if scores else result.best_instruction
@@ -200,8 +220,9 @@ class GReaTerTeleprompter(Teleprompter):
         logger.info("Target LM: baseline %s, chosen %.1f (%d calls, %d tokens).",
                     "n/a" if baseline is None else f"{baseline:.1f}", scores.get(chosen, float("nan")),
                     len(history), tokens)
-        return {"candidates": candidates, "scores": scores, "errors": errors, "chosen": chosen,
-                "baseline": baseline, "estimated_calls": estimate, "calls": len(history), "tokens": tokens}
+        return {"candidates": candidates, "scores": scores, "errors": errors, "unparsed": unparsed,
+                "chosen": chosen, "baseline": baseline, "estimated_calls": estimate, "calls": len(history),
+                "tokens": tokens}
 
     def optimizer_predictions(self, program: dspy.Module, examples: list) -> tuple[list[str | None], list[str]]:
         """The optimizer model's answers on ``examples`` under ``program``'s current instruction.
@@ -365,6 +386,21 @@ def _is_text_type(annotation) -> bool:
     if annotation in _SCALAR_TYPES:
         return True
     return typing.get_origin(annotation) is typing.Literal
+
+
+def _recording_failures(program: dspy.Module, failures: list[Exception]):
+    """Wrap ``program`` so exceptions are recorded (``dspy.Evaluate`` keeps only a score of 0)."""
+    lock = threading.Lock()
+
+    def run(**inputs):
+        try:
+            return program(**inputs)
+        except Exception as exc:
+            with lock:
+                failures.append(exc)
+            raise
+
+    return run
 
 
 def _with_instruction(program: dspy.Module, name: str, instruction: str) -> dspy.Module:

@@ -14,6 +14,7 @@ import types
 
 import dspy
 import pytest
+import torch
 
 pytest.importorskip("llama_cpp")
 
@@ -62,10 +63,17 @@ def compiled(optimizer, server, splits):
 
     lm = server.lm(max_tokens=64, cache=False)
     student = dspy.ChainOfThought("question -> answer")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(GreaterSearch, "run", recording_run)
-        with dspy.context(lm=lm, adapter=GReaTerAdapter()):
-            optimized = _teleprompter(optimizer).compile(student, trainset=splits.train, valset=splits.val)
+    # One torch thread: on 2 cores shared with another busy process, two intra-op threads made this
+    # search 10x slower (297 s against 31 s measured with one thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(GreaterSearch, "run", recording_run)
+            with dspy.context(lm=lm, adapter=GReaTerAdapter()):
+                optimized = _teleprompter(optimizer).compile(student, trainset=splits.train, valset=splits.val)
+    finally:
+        torch.set_num_threads(threads)
     return types.SimpleNamespace(optimized=optimized, search=captured["result"], lm=lm, calls=len(lm.history),
                                  student=student)
 
