@@ -18,7 +18,7 @@ import dspy
 from dspy.adapters.base import Adapter
 from dspy.utils.exceptions import AdapterParseError
 
-from dspy_greater.extractor import _OPTION_LINE, Extractor, _dash_options, derive_extractor
+from dspy_greater.extractor import OPTION_LINE, Extractor, dash_options, derive_extractor
 
 REASONING_FIELDS = ("reasoning", "rationale")
 _DEFAULT_REASONING_TOKENS = 256
@@ -59,10 +59,10 @@ def extractor_for_field(signature: type[dspy.Signature], name: str, inputs_text:
     if annotation is int:
         return derive_extractor(name, desc, ["0", "1"], [])
     if annotation is str and inputs_text:
-        letters = sorted({m.group(1) for m in _OPTION_LINE.finditer(inputs_text)})
+        letters = sorted({m.group(1) for m in OPTION_LINE.finditer(inputs_text)})
         if len(letters) >= 2:
             return derive_extractor(name, desc, [f"({c})" for c in letters], [inputs_text])
-        options = _dash_options([inputs_text])
+        options = dash_options([inputs_text])
         if options:
             return derive_extractor(name, desc, list(options), [inputs_text])
     return derive_extractor(name, desc, ["free text"], [])

@@ -54,7 +54,7 @@ _PAREN_LETTER = re.compile(r"^\(\s*([A-Za-z])\s*\)$")
 # "B", "b", "B)", "B." (bare letters; only trusted as option letters when the inputs list options)
 _BARE_LETTER = re.compile(r"^([A-Za-z])[.)]?$")
 # "(A) text" or "A) text" at the start of a line of an input
-_OPTION_LINE = re.compile(r"^[ \t]*\(?([A-Z])\)[ \t]+\S", re.MULTILINE)
+OPTION_LINE = re.compile(r"^[ \t]*\(?([A-Z])\)[ \t]+\S", re.MULTILINE)
 # "- text" at the start of a line of an input
 _DASH_OPTION_LINE = re.compile(r"^[ \t]*[-*][ \t]+(\S[^\n]*?)[ \t]*$", re.MULTILINE)
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -266,7 +266,7 @@ def derive_extractor(
 
 def _derive_kind(labels: list[str], inputs: list[str]) -> tuple[str, tuple[str, ...]]:
     # 1. letters
-    option_letters = {m.group(1) for t in inputs for m in _OPTION_LINE.finditer(t)}
+    option_letters = {m.group(1) for t in inputs for m in OPTION_LINE.finditer(t)}
     paren = [_PAREN_LETTER.match(s) for s in labels]
     if all(paren):
         letters = {m.group(1).upper() for m in paren} | option_letters
@@ -283,7 +283,7 @@ def _derive_kind(labels: list[str], inputs: list[str]) -> tuple[str, tuple[str, 
     for pair in _CLOSED_SETS:
         if all(f in pair for f in folded):
             return "choice", _cased(pair, [s.rstrip(".").strip() for s in labels])
-    dash = _dash_options(inputs)
+    dash = dash_options(inputs)
     if dash:
         by_fold = {d.casefold(): d for d in dash}
         if all(f in by_fold for f in folded):
@@ -306,7 +306,7 @@ def _derive_kind(labels: list[str], inputs: list[str]) -> tuple[str, tuple[str, 
     return "text", ()
 
 
-def _dash_options(inputs: list[str]) -> tuple[str, ...]:
+def dash_options(inputs: list[str]) -> tuple[str, ...]:
     """The ``- option`` lines shared by every input (in first-seen order), if any."""
     if not inputs:
         return ()
