@@ -355,6 +355,12 @@ class GreaterSearch:
         except KeyboardInterrupt:
             result.stopped_reason = "interrupted"
             logger.warning("GReaTer search interrupted; returning the best instruction found so far.")
+        except Exception as exc:
+            if not result.trace:
+                raise  # nothing found yet: the caller should see the error itself
+            result.stopped_reason = f"error: {type(exc).__name__}: {exc}"
+            logger.exception("GReaTer search failed at step %d; returning the best instruction found so far.",
+                             len(result.trace))
         result.best_instruction = self.layout.instruction_text(best[1])
         result.best_heldout = _eval_dict(best[2])
         ranked = sorted(seen.items(), key=lambda kv: kv[1].key(), reverse=True)

@@ -446,3 +446,35 @@ def test_regenerate_scoring_generates_reasoning_for_each_finalist(lm, layout, na
     expected = len(train) + len(heldout) + 2 * len(train) + (len(heldout) if record.changed else 0)
     assert len(search._reasoning) == expected
     assert final in {k[1] for k in search._reasoning}
+
+
+@pytest.mark.slow
+def test_failure_after_some_steps_keeps_the_best_result(lm, layout, navigate, monkeypatch):
+    extractor, nav = navigate
+    search = _search(lm, layout, extractor, num_steps=3, batch_size=2, max_reasoning_tokens=4, num_finalists=1,
+                     eval_every=1, seed=0)
+    real_step = search._step
+
+    def failing_step(step, *args, **kwargs):
+        if step == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real_step(step, *args, **kwargs)
+
+    monkeypatch.setattr(search, "_step", failing_step)
+    result = search.run("Be brief.", nav[:2], nav[2:3])
+    assert result.stopped_reason == "error: RuntimeError: out of memory (simulated)"
+    assert len(result.trace) == 1
+    assert result.best_heldout["accuracy"] >= result.initial_heldout["accuracy"]
+
+
+@pytest.mark.slow
+def test_failure_before_any_step_is_raised(lm, layout, navigate, monkeypatch):
+    extractor, nav = navigate
+    search = _search(lm, layout, extractor, num_steps=2, batch_size=2, max_reasoning_tokens=4, seed=0)
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(search, "_step", broken_step)
+    with pytest.raises(RuntimeError, match="broken"):
+        search.run("Be brief.", nav[:2], nav[2:3])
