@@ -2,7 +2,9 @@
 
 import pytest
 
+from dspy_greater.layout import GreaterLayout
 from dspy_greater.loading import load_optimizer_model
+from dspy_greater.model import OptimizerLM
 
 
 def pytest_configure(config):
@@ -16,3 +18,16 @@ def optimizer():
     Uses the default cache dir, so only the very first run dequantizes the GGUF (~20 s).
     """
     return load_optimizer_model()
+
+
+@pytest.fixture(scope="session")
+def lm(optimizer):
+    """The embedded model wrapped for the search's operations (8 sequences per forward)."""
+    model, tokenizer = optimizer
+    return OptimizerLM(model, tokenizer, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def layout(optimizer):
+    """The paper's layout on the embedded model's tokenizer."""
+    return GreaterLayout(optimizer[1])

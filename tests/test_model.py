@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dspy_greater.data import load_examples
 from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import GreaterLayout, Sequence
+from dspy_greater.layout import Sequence
 from dspy_greater.model import OptimizerLM
 
 pytestmark = pytest.mark.slow
@@ -33,17 +33,6 @@ _WORDLIKE = re.compile(r"^ ?[A-Za-z]+$|^[.,!?;:]$")
 # ---------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def layout(optimizer):
-    return GreaterLayout(optimizer[1])
-
-
-@pytest.fixture(scope="module")
-def lm(optimizer):
-    model, tokenizer = optimizer
-    return OptimizerLM(model, tokenizer, batch_size=8)
 
 
 @pytest.fixture(scope="module")

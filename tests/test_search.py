@@ -17,8 +17,6 @@ import torch
 
 from dspy_greater.data import load_examples
 from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import GreaterLayout
-from dspy_greater.model import OptimizerLM
 from dspy_greater.search import (
     GreaterConfig,
     GreaterSearch,
@@ -119,17 +117,6 @@ def test_config_faithful_is_the_papers_protocol():
 # ---------------------------------------------------------------------------------------------
 # Model fixtures
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lm(optimizer):
-    model, tokenizer = optimizer
-    return OptimizerLM(model, tokenizer, batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def layout(optimizer):
-    return GreaterLayout(optimizer[1])
 
 
 def _task(name: str) -> tuple:
