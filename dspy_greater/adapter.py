@@ -6,10 +6,23 @@ optimizer model saw: the inputs, then the instruction, in one user turn; the LM 
 then the answer extractor ("Therefore, the final answer (Yes or No) is") asks for the answer,
 which is parsed leniently into the output field's type. Two LM calls per prediction: the
 reasoning, then a short answer.
+
+Chat LMs get chat messages: ``[user: inputs \n\n instruction]``, then for the answer
+``[..., assistant: reasoning, user: extractor]``. Text-completion LMs (``lm.model_type == "text"``,
+e.g. :class:`~dspy_greater.textlm.PlainTextLM` for a base model without a chat template) get
+``lm(prompt=...)`` with the optimizer's plain-text layout, verbatim::
+
+    reasoning call:  prompt = inputs + "\n\n" + instruction + "\n\nAnswer:"
+    answer call:     prompt + reasoning + extractor text
+
+(demos, if any, come first as complete blocks separated by blank lines). A stock
+``dspy.LM(..., model_type="text")`` appends DSPy's ``"BEGIN RESPONSE:"`` to every prompt; use
+``PlainTextLM`` to send the layout unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import typing
 from typing import Any
@@ -19,6 +32,9 @@ from dspy.adapters.base import Adapter
 from dspy.utils.exceptions import AdapterParseError
 
 from dspy_greater.extractor import OPTION_LINE, Extractor, dash_options, derive_extractor
+from dspy_greater.formats import PLAIN_ANSWER_CUE, SEPARATOR
+
+logger = logging.getLogger(__name__)
 
 REASONING_FIELDS = ("reasoning", "rationale")
 _DEFAULT_REASONING_TOKENS = 256
@@ -105,6 +121,9 @@ class GReaTerAdapter(Adapter):
             predictor's config (``lm_kwargs``) takes precedence over both.
         answer_tokens: Token limit of the answer call.
         separator: Text between the inputs and the instruction (the optimizer layout's).
+
+    Text-completion LMs (``model_type == "text"``) are sent plain-text prompts instead of chat
+    messages; see the module docstring.
     """
 
     def __init__(
@@ -113,7 +132,7 @@ class GReaTerAdapter(Adapter):
         *,
         max_reasoning_tokens: int | None = None,
         answer_tokens: int = 16,
-        separator: str = "\n\n",
+        separator: str = SEPARATOR,
         callbacks=None,
     ):
         super().__init__(callbacks=callbacks)
@@ -151,6 +170,27 @@ class GReaTerAdapter(Adapter):
         messages.append({"role": "user", "content": self._user_content(signature, inputs)})
         return messages
 
+    def format_text(self, signature, demos, inputs) -> str:
+        """The reasoning call's prompt for a text-completion LM: the optimizer's plain-text layout
+        (``inputs \n\n instruction \n\n Answer:``), after one complete block per usable demo."""
+        blocks = []
+        for demo in demos:
+            if all(k in demo for k in signature.input_fields) and all(k in demo for k in answer_fields(signature)):
+                blocks.append(self._text_prompt(signature, demo) + self._text_demo_answer(signature, demo))
+        return SEPARATOR.join([*blocks, self._text_prompt(signature, inputs)])
+
+    def _text_prompt(self, signature, values) -> str:
+        return f"{self._user_content(signature, values)}{PLAIN_ANSWER_CUE}"
+
+    def _text_demo_answer(self, signature, demo) -> str:
+        reasoning = next((str(demo[k]).strip() for k in REASONING_FIELDS if k in demo and demo[k]), "")
+        text = f" {reasoning}" if reasoning else ""
+        for name in answer_fields(signature):
+            ext = self.extractor(signature, name, demo)
+            answer = ext.target(demo[name]) if ext.accepts(demo[name]) else " " + str(demo[name])
+            text += f"{ext.text}{answer}"
+        return text
+
     def _user_content(self, signature, values) -> str:
         return f"{format_inputs(signature.input_fields, values)}{self.separator}{signature.instructions}".strip()
 
@@ -181,31 +221,40 @@ class GReaTerAdapter(Adapter):
     # -- the LM calls ----------------------------------------------------------------------------------
 
     def __call__(self, lm, lm_kwargs, signature, demos, inputs) -> list[dict[str, Any]]:
-        messages, kwargs = self._reasoning_request(lm, lm_kwargs, signature, demos, inputs)
-        outputs = lm(messages=messages, **kwargs)
+        text_mode = is_text_lm(lm)
+        request, kwargs = self._reasoning_request(lm, lm_kwargs, signature, demos, inputs)
+        outputs = lm(prompt=request, **kwargs) if text_mode else lm(messages=request, **kwargs)
         results = []
         for output in outputs:
             reasoning = _text(output)
             replies = {}
-            for name, follow_up, answer_kwargs in self._answer_requests(signature, inputs, messages, kwargs, reasoning):
-                replies[name] = _text(lm(messages=follow_up, **answer_kwargs)[0])
+            for name, follow_up, answer_kwargs in self._answer_requests(signature, inputs, request, kwargs, reasoning):
+                reply = lm(prompt=follow_up, **answer_kwargs) if text_mode else lm(messages=follow_up, **answer_kwargs)
+                replies[name] = _text(reply[0])
             results.append(self._values(signature, inputs, reasoning, replies))
         return results
 
     async def acall(self, lm, lm_kwargs, signature, demos, inputs) -> list[dict[str, Any]]:
-        messages, kwargs = self._reasoning_request(lm, lm_kwargs, signature, demos, inputs)
-        outputs = await lm.acall(messages=messages, **kwargs)
+        text_mode = is_text_lm(lm)
+        request, kwargs = self._reasoning_request(lm, lm_kwargs, signature, demos, inputs)
+        outputs = await (lm.acall(prompt=request, **kwargs) if text_mode else lm.acall(messages=request, **kwargs))
         results = []
         for output in outputs:
             reasoning = _text(output)
             replies = {}
-            for name, follow_up, answer_kwargs in self._answer_requests(signature, inputs, messages, kwargs, reasoning):
-                replies[name] = _text((await lm.acall(messages=follow_up, **answer_kwargs))[0])
+            for name, follow_up, answer_kwargs in self._answer_requests(signature, inputs, request, kwargs, reasoning):
+                call = (lm.acall(prompt=follow_up, **answer_kwargs) if text_mode
+                        else lm.acall(messages=follow_up, **answer_kwargs))
+                replies[name] = _text((await call)[0])
             results.append(self._values(signature, inputs, reasoning, replies))
         return results
 
     def _reasoning_request(self, lm, lm_kwargs, signature, demos, inputs):
-        messages = self.format(signature, demos, inputs)
+        """(the reasoning call's messages, or its prompt for a text LM; its keyword arguments)"""
+        text_mode = is_text_lm(lm)
+        if text_mode and not getattr(lm, "sends_prompt_verbatim", False):
+            _warn_once(lm)
+        messages = (self.format_text if text_mode else self.format)(signature, demos, inputs)
         kwargs = {k: v for k, v in lm_kwargs.items() if k not in ("tools", "tool_choice", "parallel_tool_calls")}
         if not any(kwargs.get(k) for k in _TOKEN_LIMIT_KEYS):
             lm_own = getattr(lm, "kwargs", None) or {}
@@ -216,13 +265,21 @@ class GReaTerAdapter(Adapter):
             # else: the LM's own limit applies (dspy.LM merges its kwargs under these)
         return messages, kwargs
 
-    def _answer_requests(self, signature, inputs, messages, kwargs, reasoning: str):
+    def _answer_requests(self, signature, inputs, request, kwargs, reasoning: str):
+        """(field, the answer call's messages or prompt, its keyword arguments) per answer field.
+
+        ``request`` is the reasoning call's messages (chat) or prompt (text). A text prompt is
+        continued verbatim: prompt + reasoning + extractor, as the optimizer scored it.
+        """
         answer_kwargs = {k: v for k, v in kwargs.items() if k != "max_completion_tokens"}
         answer_kwargs.update(max_tokens=self.answer_tokens, n=1)
         for name in answer_fields(signature):
             ext = self.extractor(signature, name, inputs)
-            follow_up = [*messages, {"role": "assistant", "content": reasoning.strip() or "..."},
-                         {"role": "user", "content": ext.text.strip()}]
+            if isinstance(request, str):
+                follow_up = f"{request}{reasoning}{ext.text}"
+            else:
+                follow_up = [*request, {"role": "assistant", "content": reasoning.strip() or "..."},
+                             {"role": "user", "content": ext.text.strip()}]
             yield name, follow_up, answer_kwargs
 
     def _values(self, signature, inputs, reasoning: str, replies: dict[str, str]) -> dict[str, Any]:
@@ -241,6 +298,23 @@ class GReaTerAdapter(Adapter):
                                                 f"(expected {_expected(ext)}; the answer call replied {reply!r}).")
             values[name] = _coerced(signature, name, label, f"{reasoning}\n---\n{reply}")
         return values
+
+
+def is_text_lm(lm) -> bool:
+    """Whether ``lm`` takes plain-text prompts (``model_type == "text"``, e.g. ``PlainTextLM``)."""
+    return getattr(lm, "model_type", None) == "text"
+
+
+_WARNED_MODELS: set[str] = set()
+
+
+def _warn_once(lm) -> None:
+    model = str(getattr(lm, "model", lm))
+    if model not in _WARNED_MODELS:
+        _WARNED_MODELS.add(model)
+        logger.warning("%s is a text-completion LM that may change the prompt (dspy.LM(model_type='text') appends "
+                       "'BEGIN RESPONSE:'); use dspy_greater.textlm.PlainTextLM to send the optimizer's layout "
+                       "verbatim.", model)
 
 
 def _expected(ext: Extractor) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from dspy_greater.formats import PLAIN_ANSWER_CUE, SEPARATOR
+
 _SENTINEL = "\u2063GREATER_INSTRUCTION\u2063"
 
 
@@ -51,7 +53,7 @@ class GreaterLayout:
 
     name = "greater"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, separator: str = "\n\n"):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, separator: str = SEPARATOR):
         self.tokenizer = tokenizer
         self.separator = separator
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
@@ -80,7 +82,7 @@ class GreaterLayout:
             )
             before, after = text.split(_SENTINEL)
         else:
-            before, after = f"{inputs_text}{self.separator}", "\n\nAnswer:"
+            before, after = f"{inputs_text}{self.separator}", PLAIN_ANSWER_CUE
         bos = self.tokenizer.bos_token
         before_ids = self.encode(before)
         if not self.has_chat_template and bos and self.tokenizer.bos_token_id is not None:
