@@ -9,7 +9,8 @@ on a GGUF file, waits until it answers, and hands out ready-to-use ``dspy.LM`` o
         dspy.configure(lm=server.lm())           # dspy.LM("openai/<alias>", api_base=..., ...)
         ...                                      # the server is stopped when the block ends
 
-``LlamaCppServer("gemma3-270m")`` serves Gemma-3-270M; any other ``.gguf`` path works too. The
+``LlamaCppServer("gemma3-270m")`` serves Gemma-3-270M (a base model: ``server.lm()`` is then a
+plain-text ``PlainTextLM``); any other ``.gguf`` path works too. The
 command line equivalent is ``dspy-greater serve [--model PATH|gemma3-270m] [--port N]``.
 
 Process hygiene. The server runs in its own session (process group). :meth:`LlamaCppServer.stop`
@@ -55,6 +56,12 @@ Findings that shaped this module (dspy 3.4.1, llama-cpp-python 0.3.36, measured 
   ``--interrupt_requests False``.
 * **Small models and DSPy's ChatAdapter.** SmolLM2-135M does not write the ``[[ ## field ## ]]``
   markers; see ``adapter.py`` for an adapter that works with tiny targets.
+* **Base models.** A GGUF without ``tokenizer.chat_template`` (Gemma-3-270M) gets llama-cpp-python's
+  fallback ``llama-2`` chat format on ``/v1/chat/completions``, which a base model never saw: it
+  rambles. :meth:`LlamaCppServer.lm` reads the GGUF metadata and gives such models a
+  :class:`~dspy_greater.textlm.PlainTextLM` (plain ``/v1/completions``, prompt sent verbatim).
+  llama.cpp adds the BOS token to a completion prompt when the GGUF asks for it
+  (``tokenizer.ggml.add_bos_token``; Gemma does), as the optimizer's plain-text layout does.
 
 Importing this module sets ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (unless already set) so LiteLLM
 never downloads its model cost map.
@@ -89,6 +96,7 @@ __all__ = [
     "LlamaCppServer",
     "TargetServerError",
     "add_serve_subcommand",
+    "gguf_chat_template",
     "run_serve",
 ]
 
@@ -280,6 +288,75 @@ def _resolve_model_path(model_path: str | os.PathLike[str] | None) -> pathlib.Pa
             "serves GGUF files only; convert the model with llama.cpp's convert_hf_to_gguf.py."
         )
     return path.resolve()
+
+
+# GGUF metadata value types (gguf spec): fixed sizes in bytes; 8 is a string, 9 an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_chat_template(path: str | os.PathLike[str]) -> str | None:
+    """The chat template stored in a GGUF file's metadata (``tokenizer.chat_template``), or ``None``.
+
+    Reads the metadata header only and skips every other value (the tokenizer's vocabulary is
+    skipped, not decoded): about 0.1 s for Gemma-3-270M, where ``gguf.GGUFReader`` takes ~15 s.
+    Named templates (``tokenizer.chat_template.<name>``) count when there is no default one.
+
+    Raises:
+        ValueError: The file is not a GGUF file (v2 or v3) or its header is truncated.
+    """
+    import io
+    import struct
+
+    def read(handle, n: int) -> bytes:
+        data = handle.read(n)
+        if len(data) != n:
+            raise ValueError(f"{path}: truncated GGUF metadata")
+        return data
+
+    def u32(handle) -> int:
+        return struct.unpack("<I", read(handle, 4))[0]
+
+    def u64(handle) -> int:
+        return struct.unpack("<Q", read(handle, 8))[0]
+
+    def skip(handle, kind: int) -> None:
+        if kind == _GGUF_STRING:
+            handle.seek(u64(handle), io.SEEK_CUR)
+        elif kind == _GGUF_ARRAY:
+            item, count = u32(handle), u64(handle)
+            if item == _GGUF_STRING:
+                for _ in range(count):
+                    handle.seek(u64(handle), io.SEEK_CUR)
+            elif item in _GGUF_SIZES:
+                handle.seek(_GGUF_SIZES[item] * count, io.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    skip(handle, item)
+        elif kind in _GGUF_SIZES:
+            handle.seek(_GGUF_SIZES[kind], io.SEEK_CUR)
+        else:
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+    named = None
+    with open(path, "rb", buffering=1 << 16) as handle:
+        if read(handle, 4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = u32(handle)
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        u64(handle)  # tensor count
+        for _ in range(u64(handle)):
+            key = read(handle, u64(handle)).decode("utf-8", errors="replace")
+            kind = u32(handle)
+            if key.startswith("tokenizer.chat_template") and kind == _GGUF_STRING:
+                value = read(handle, u64(handle)).decode("utf-8", errors="replace")
+                if key == "tokenizer.chat_template":
+                    return value
+                named = named or value
+            else:
+                skip(handle, kind)
+    return named
 
 
 def _default_alias(path: pathlib.Path) -> str:
@@ -589,15 +666,43 @@ class LlamaCppServer:
         return f"LlamaCppServer({str(self.model_path)!r}, alias={self.alias!r}, {state})"
 
     # ----------------------------------------------------------------------------- DSPy
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's chat template (metadata ``tokenizer.chat_template``), or ``None`` for a base model."""
+        if not hasattr(self, "_chat_template"):
+            try:
+                self._chat_template = gguf_chat_template(self.model_path)
+            except (OSError, ValueError) as error:
+                raise TargetServerError(f"Cannot read the metadata of {self.model_path}: {error}") from error
+        return self._chat_template
+
+    @property
+    def plain_text(self) -> bool:
+        """True when the model should get plain-text completions, not chat requests: the GGUF has no
+        chat template and no ``chat_format`` was given, so llama.cpp would fall back to a llama-2
+        chat format the model never saw. :meth:`lm` then builds a
+        :class:`~dspy_greater.textlm.PlainTextLM`."""
+        return self.chat_format is None and self.chat_template is None
+
     def lm_kwargs(self, **overrides: Any) -> dict[str, Any]:
-        """Keyword arguments of the ``dspy.LM`` that :meth:`lm` builds (``model`` included)."""
+        """Keyword arguments of the LM that :meth:`lm` builds (``model`` included).
+
+        ``model_type="text"`` is among them when the LM is a :class:`~dspy_greater.textlm.PlainTextLM`
+        (a base model; see :attr:`plain_text`); a ``model_type`` override picks the kind.
+        """
+        text = overrides.get("model_type", "text" if self.plain_text else "chat") == "text"
         kwargs: dict[str, Any] = {
             "model": f"openai/{self.alias}",
             "api_base": self.api_base,
             "api_key": "local",
+        }
+        if text:
+            kwargs["model_type"] = "text"  # PlainTextLM: /v1/completions through LiteLLM, max_tokens honoured
+        else:
             # LiteLLM sends max_tokens, which llama.cpp honours; DSPy's native engine sends
             # max_completion_tokens, which llama.cpp ignores (see the module docstring).
-            "engine": "litellm",
+            kwargs["engine"] = "litellm"
+        kwargs.update({
             "temperature": 0.0,
             "max_tokens": _DEFAULT_LM_MAX_TOKENS,
             "cache": True,
@@ -605,31 +710,46 @@ class LlamaCppServer:
             # enough; the timeout covers a hung server and requests queued behind others.
             "num_retries": _DEFAULT_LM_RETRIES,
             "timeout": _DEFAULT_LM_TIMEOUT,
-        }
+        })
         kwargs.update(overrides)
         return kwargs
 
     def lm(self, **kwargs: Any):
         """A ``dspy.LM`` for this server, ready to use.
 
-        Defaults: ``model="openai/<alias>"``, ``api_key="local"``, ``engine="litellm"`` (so that the
-        token limit is honoured), ``temperature=0.0``, ``max_tokens=512``, ``cache=True``,
+        A model with a chat template (or a given ``chat_format``) gets a chat ``dspy.LM``; a base
+        model without one (Gemma-3-270M) gets a :class:`~dspy_greater.textlm.PlainTextLM`, which
+        sends each prompt verbatim to ``/v1/completions`` (see :attr:`plain_text`).
+        ``model_type="text"`` or ``"chat"`` forces either.
+
+        Defaults: ``model="openai/<alias>"``, ``api_key="local"``, ``engine="litellm"`` for chat (so
+        that the token limit is honoured), ``temperature=0.0``, ``max_tokens=512``, ``cache=True``,
         ``num_retries=1``, ``timeout=300``. Every keyword overrides them and anything else is passed
-        to ``dspy.LM`` (for example ``model_type="text"`` for plain completions on a base model).
-        The server must be started (its port is part of ``api_base``).
+        to the LM. The server must be started (its port is part of ``api_base``).
         """
         self.ensure_running()
         import dspy
 
         options = self.lm_kwargs(**kwargs)
-        return dspy.LM(options.pop("model"), **options)
+        model = options.pop("model")
+        if options.get("model_type") == "text":
+            from dspy_greater.textlm import PlainTextLM
+
+            options.pop("model_type")
+            return PlainTextLM(model, **options)
+        return dspy.LM(model, **options)
 
     def lm_code(self, **kwargs: Any) -> str:
-        """A ready-to-paste Python line building the same ``dspy.LM`` as :meth:`lm`."""
+        """A ready-to-paste Python expression building the same LM as :meth:`lm`
+        (``dspy.LM(...)``, or ``PlainTextLM(...)`` from ``dspy_greater.textlm`` for a base model)."""
         options = self.lm_kwargs(**kwargs)
         model = options.pop("model")
+        name = "dspy.LM"
+        if options.get("model_type") == "text":
+            options.pop("model_type")
+            name = "PlainTextLM"
         args = ", ".join(f"{key}={value!r}" for key, value in options.items())
-        return f"dspy.LM({model!r}, {args})"
+        return f"{name}({model!r}, {args})"
 
 
 def _describe_exit(code: int) -> str:
@@ -691,7 +811,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"Serving {server.alias!r} (pid {server.pid}) at {server.api_base}", flush=True)
         print(f"Log: {server.log_path}")
         print("Use it from DSPy with:")
-        print(f"    {server.lm_code()}")
+        code = server.lm_code()
+        if code.startswith("PlainTextLM("):
+            print("    from dspy_greater.textlm import PlainTextLM  # the GGUF has no chat template: plain completions")
+        print(f"    {code}")
         print("Press Ctrl-C to stop.", flush=True)
         while server.is_running:
             time.sleep(0.5)
