@@ -69,8 +69,10 @@ class GReaTerTeleprompter(Teleprompter):
             :class:`ModelSpec`); ignored when ``model`` is a ``ModelSpec``.
         progress: Show a tqdm progress bar.
         target_candidates: How many of the best distinct instructions found by the search (plus the
-            initial one) are scored on ``valset`` on the target LM (``dspy.settings.lm``) with
-            ``metric``; the best wins. 0 skips this and trusts the optimizer model's held-out score.
+            initial one) are scored on ``valset`` on the target LM with ``metric``; the best wins.
+            The target LM is the predictor's own (``program.set_lm(lm)``) when it has one, else
+            ``dspy.settings.lm``; with neither, or without ``valset``, nothing is scored. 0 skips
+            this and trusts the optimizer model's held-out score.
         num_threads: Threads for ``dspy.Evaluate`` on the target LM.
         **config_overrides: Any :class:`GreaterConfig` field, e.g. ``num_steps=20``.
     """
@@ -158,7 +160,7 @@ class GReaTerTeleprompter(Teleprompter):
             bar.close()
         results = _result_dict(result, task)
         chosen = result.best_instruction
-        if self.target_candidates and valset and self.metric is not None and dspy.settings.lm is not None:
+        if self.target_candidates and valset and self.metric is not None and _target_lm(predictor)[0] is not None:
             results["target_selection"] = self._select_on_target(student, name, task, result, valset)
             chosen = results["target_selection"]["chosen"]
         program = _with_instruction(student, name, chosen)
@@ -173,19 +175,26 @@ class GReaTerTeleprompter(Teleprompter):
 
         An answer the adapter cannot parse counts as wrong; an LM failure (server down, timeout)
         puts the candidate under ``errors`` instead of giving it a score.
+
+        The target LM is the predictor's own ``lm`` when set (``program.set_lm(...)``), else
+        ``dspy.settings.lm``; ``target_lm`` in the result says which (``"predictor.lm"`` or
+        ``"dspy.settings.lm"``) and ``target_model`` names its model. Every candidate runs on that
+        same LM object, so its history counts the calls.
         """
         ordered = [result.best_instruction, *(t["instruction"] for t in result.top_instructions), result.initial_instruction]
         candidates = list(dict.fromkeys(ordered))[: self.target_candidates]
         if result.initial_instruction not in candidates:
             candidates.append(result.initial_instruction)  # the baseline is always measured
-        lm = dspy.settings.lm
+        predictor = dict(student.named_predictors())[name]
+        lm, source = _target_lm(predictor)
         adapter = dspy.settings.adapter
         if isinstance(adapter, GReaTerAdapter) and task.output_field not in adapter.extractors:
             adapter = copy.copy(adapter)  # score in the search's own answer format
             adapter.extractors = {**adapter.extractors, task.output_field: task.extractor}
         estimate = len(candidates) * len(valset) * (2 if isinstance(adapter, GReaTerAdapter) else 1)
-        logger.info("Scoring %d instructions on %d valset examples on the target LM: about %d calls.",
-                    len(candidates), len(valset), estimate)
+        model = str(getattr(lm, "model", type(lm).__name__))
+        logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): about %d calls.",
+                    len(candidates), len(valset), model, source, estimate)
         history_before = len(getattr(lm, "history", []))
         evaluate = dspy.Evaluate(devset=list(valset), metric=self.metric, num_threads=self.num_threads,
                                  display_progress=self.progress, provide_traceback=False, max_errors=len(valset) + 1)
@@ -195,7 +204,10 @@ class GReaTerTeleprompter(Teleprompter):
                 errors[text] = f"skipped: {target_down}"
                 continue
             failures: list[Exception] = []
-            run = _recording_failures(_with_instruction(student, name, text), failures)
+            candidate = _with_instruction(student, name, text)
+            if source == "predictor.lm":  # the deep copy copied the LM: every candidate uses the one object
+                dict(candidate.named_predictors())[name].lm = lm
+            run = _recording_failures(candidate, failures)
             try:
                 with dspy.context(adapter=adapter):
                     outcome = evaluate(run)
@@ -217,12 +229,12 @@ class GReaTerTeleprompter(Teleprompter):
         tokens = sum(int((entry.get("usage") or {}).get("total_tokens") or 0) for entry in history)
         chosen = max(scores, key=lambda t: (scores[t], -candidates.index(t))) if scores else result.best_instruction
         baseline = scores.get(result.initial_instruction)
-        logger.info("Target LM: baseline %s, chosen %.1f (%d calls, %d tokens).",
+        logger.info("Target LM %s (%s): baseline %s, chosen %.1f (%d calls, %d tokens).", model, source,
                     "n/a" if baseline is None else f"{baseline:.1f}", scores.get(chosen, float("nan")),
                     len(history), tokens)
         return {"candidates": candidates, "scores": scores, "errors": errors, "unparsed": unparsed,
                 "chosen": chosen, "baseline": baseline, "estimated_calls": estimate, "calls": len(history),
-                "tokens": tokens}
+                "tokens": tokens, "target_lm": source, "target_model": model}
 
     def optimizer_predictions(self, program: dspy.Module, examples: list) -> tuple[list[str | None], list[str]]:
         """The optimizer model's answers on ``examples`` under ``program``'s current instruction.
@@ -401,6 +413,14 @@ def _recording_failures(program: dspy.Module, failures: list[Exception]):
             raise
 
     return run
+
+
+def _target_lm(predictor) -> tuple[object | None, str]:
+    """The LM a predictor runs on and where it comes from: its own ``lm``, else ``dspy.settings.lm``."""
+    own = getattr(predictor, "lm", None)
+    if own is not None:
+        return own, "predictor.lm"
+    return dspy.settings.lm, "dspy.settings.lm"
 
 
 def _with_instruction(program: dspy.Module, name: str, instruction: str) -> dspy.Module:
