@@ -130,6 +130,7 @@ def test_selection_scores_every_candidate_on_the_target(compiled, splits):
     assert selection["estimated_calls"] == 2 * len(splits.val) * len(candidates)
     assert selection["calls"] == selection["estimated_calls"] == compiled.calls > 0
     assert selection["tokens"] > 0
+    assert selection["target_lm"] == "dspy.settings.lm" and selection["target_model"] == compiled.lm.model
     # The chosen instruction is the argmax (ties: the search's order) and the program uses it.
     best = max(selection["scores"].values())
     assert selection["chosen"] == next(c for c in candidates if selection["scores"][c] == best)
