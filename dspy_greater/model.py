@@ -3,17 +3,23 @@
 Sequences are right-padded for forward passes (causal attention makes the padding invisible to
 real tokens) and left-padded for generation. Logits are computed only at the positions a loss or
 proposal needs, never over the whole sequence.
+
+Within one search step every sequence of an example shares its beginning: the inputs and the
+instruction up to the edited position. :meth:`OptimizerLM.prefill` runs that prefix once, returns
+the next-token distribution the proposals need, and keeps its key/value cache, so the gradient pass
+and every finalist's scoring only run the rest of the sequence.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import inspect
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dspy_greater.layout import Sequence
 
@@ -33,6 +39,38 @@ class SequenceScore:
     answer_loss: float
     correct: bool
     fluency: float
+
+
+@dataclass
+class _PrefixChunk:
+    """The cached prefixes of one forward batch (rows right-padded to a common width)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    lengths: list[int]
+
+
+@dataclass
+class Prefix:
+    """Token prefixes run once and kept as a key/value cache (see :meth:`OptimizerLM.prefill`).
+
+    Attributes:
+        ids: Each row's prefix ids.
+        next_logprobs: Log-probabilities of the token after each prefix, ``[rows, vocab]`` on CPU.
+        instruction_logprob: Per row, the summed log-probability of the instruction tokens inside
+            the prefix (the fluency term's constant part), with their count.
+    """
+
+    ids: list[list[int]]
+    next_logprobs: torch.Tensor
+    instruction_logprob: list[tuple[float, int]]
+    chunks: list[_PrefixChunk]
+    batch_size: int
+
+    def covers(self, seqs: list[Sequence]) -> bool:
+        """Whether ``seqs`` start with these prefixes row by row (and so may reuse the cache)."""
+        return len(seqs) == len(self.ids) and all(
+            s.ids[: len(p)] == p and len(p) <= s.answer_start - 1 for s, p in zip(seqs, self.ids))
 
 
 class OptimizerLM:
@@ -57,6 +95,8 @@ class OptimizerLM:
         self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
         self._masks: dict[str, torch.Tensor] = {}
+        forward_args = inspect.signature(model.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"  # renamed in transformers 5
 
     @property
     def embedding_matrix(self) -> torch.Tensor:
@@ -109,8 +149,20 @@ class OptimizerLM:
             mask[row, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _hidden(self, mask: torch.Tensor, *, ids=None, embeds=None) -> torch.Tensor:
-        out = self.model.base_model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+    def _hidden(self, mask: torch.Tensor, *, ids=None, embeds=None, prefix: _PrefixChunk | None = None) -> torch.Tensor:
+        """Last hidden states; with ``prefix`` the rows continue its cached prefixes."""
+        if prefix is None:
+            out = self.model.base_model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            return out.last_hidden_state
+        width = mask.shape[1]
+        offsets = torch.tensor(prefix.lengths, device=self.device)[:, None]
+        positions = offsets + torch.arange(width, device=self.device)[None, :]
+        # A fresh cache object over the same tensors: appending concatenates, the prefix stays intact.
+        cache = DynamicCache(ddp_cache_data=prefix.layers, config=self.model.config)
+        out = self.model.base_model(
+            input_ids=ids, inputs_embeds=embeds, attention_mask=torch.cat([prefix.mask, mask], dim=1),
+            position_ids=positions, use_cache=True, **{self._cache_arg: cache},
+        )
         return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -135,6 +187,33 @@ class OptimizerLM:
             picked = hidden[torch.arange(len(chunk), device=self.device), last]
             rows.append(torch.log_softmax(self._logits(picked), dim=-1).cpu())
         return torch.cat(rows)
+
+    @torch.no_grad()
+    def prefill(self, prefixes: list[list[int]], instruction_starts: list[int]) -> Prefix:
+        """Run each prefix once; keep its cache, next-token distribution and instruction log-likelihood.
+
+        Args:
+            prefixes: Token ids, each non-empty (a sequence's beginning up to the edited position).
+            instruction_starts: Index of the first instruction token within each prefix.
+        """
+        if any(not p for p in prefixes):
+            raise ValueError("Every prefix must hold at least one token.")
+        next_rows, instruction_logprob, chunks = [], [], []
+        for chunk, starts in zip(self._chunks(prefixes), self._chunks(instruction_starts)):
+            ids, mask = self._right_padded(chunk)
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            chunks.append(_PrefixChunk(layers, mask, [len(p) for p in chunk]))
+            for row, (prefix, start) in enumerate(zip(chunk, starts)):
+                first = max(start, 1)
+                positions = torch.arange(first - 1, len(prefix), device=self.device)
+                logprobs = torch.log_softmax(self._logits(out.last_hidden_state[row, positions]), dim=-1)
+                next_rows.append(logprobs[-1].cpu())
+                targets = torch.tensor(prefix[first:], dtype=torch.long, device=self.device)
+                inside = logprobs[:-1].gather(1, targets[:, None]).sum() if len(targets) else torch.zeros(())
+                instruction_logprob.append((float(inside), len(targets)))
+        return Prefix([list(p) for p in prefixes], torch.stack(next_rows), instruction_logprob, chunks, self.batch_size)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -177,48 +256,83 @@ class OptimizerLM:
     # -- losses ----------------------------------------------------------------------------------
 
     def _span_terms(
-        self, hidden: torch.Tensor, seqs: list[Sequence], temperature: float, fluency_targets=None
+        self,
+        hidden: torch.Tensor,
+        seqs: list[Sequence],
+        temperature: float,
+        *,
+        prefix: Prefix | None = None,
+        rows: list[int] | None = None,
+        edited: tuple[int, Callable] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
         """Answer loss, fluency and correctness per row, from logits at the needed positions only.
 
-        ``fluency_targets`` optionally maps a row to ``(index, logprob_fn)`` replacing the plain
-        log-probability at one instruction position (used by the one-hot path).
+        Without ``prefix``, ``hidden`` covers whole sequences. With it, ``hidden`` covers what
+        follows each cached prefix (row ``i`` of this batch is row ``rows[i]`` of the prefix), and
+        the instruction tokens inside the prefix contribute their cached log-likelihood.
+        ``edited = (position, logprob_fn)`` replaces the log-probability of the instruction token at
+        ``position`` (offset within the instruction) by ``logprob_fn(logprobs_there)``; the one-hot
+        path mixes candidates there. With a prefix, that token must be the first one after it.
         """
         answer_losses, fluencies, correct = [], [], []
         for row, seq in enumerate(seqs):
-            answer_pos = torch.arange(seq.answer_start - 1, seq.answer_end - 1, device=self.device)
-            instr_pos = torch.arange(max(seq.instruction_start - 1, 0), seq.instruction_end - 1, device=self.device)
+            offset = len(prefix.ids[rows[row]]) if prefix is not None else 0
+            first = max(seq.instruction_start, 1, offset + 1)
+            answer_pos = torch.arange(seq.answer_start - 1, seq.answer_end - 1, device=self.device) - offset
+            instr_pos = torch.arange(first - 1, seq.instruction_end - 1, device=self.device) - offset
             logits = self._logits(hidden[row, torch.cat([answer_pos, instr_pos])])
             n_answer = len(answer_pos)
             answer_targets = torch.tensor(seq.ids[seq.answer_start : seq.answer_end], device=self.device)
             answer_logits = logits[:n_answer]
             answer_losses.append(F.cross_entropy(answer_logits / temperature, answer_targets))
             correct.append(bool((answer_logits.argmax(-1) == answer_targets).all()))
-            first = max(seq.instruction_start, 1)
-            instr_targets = torch.tensor(seq.ids[first : seq.instruction_end], device=self.device)
-            if len(instr_targets) == 0:
-                fluencies.append(torch.zeros((), device=self.device))
-                continue
+            instr_targets = torch.tensor(seq.ids[first : seq.instruction_end], dtype=torch.long, device=self.device)
             logprobs = torch.log_softmax(logits[n_answer:], dim=-1)
             token_logprobs = logprobs.gather(1, instr_targets[:, None]).squeeze(1)
-            if fluency_targets is not None:
-                index, replace = fluency_targets
-                local = seq.instruction_start + index - first
-                if 0 <= local < len(token_logprobs):
-                    token_logprobs = torch.cat(
-                        [token_logprobs[:local], replace(logprobs[local])[None], token_logprobs[local + 1 :]]
-                    )
-            fluencies.append(-token_logprobs.mean())
+            edited_index = seq.instruction_start + edited[0] if edited is not None else -1
+            if prefix is None and first <= edited_index < seq.instruction_end:
+                local = edited_index - first
+                token_logprobs = torch.cat(
+                    [token_logprobs[:local], edited[1](logprobs[local])[None], token_logprobs[local + 1 :]])
+            pieces, count = [token_logprobs], len(instr_targets)
+            if prefix is not None:
+                inside, inside_count = prefix.instruction_logprob[rows[row]]
+                next_logprobs = prefix.next_logprobs[rows[row]].to(self.device)
+                at_edit = edited[1](next_logprobs) if edited is not None else next_logprobs[seq.ids[offset]]
+                pieces += [at_edit.reshape(1), torch.tensor([inside], device=self.device)]
+                count += 1 + inside_count
+            fluencies.append(-torch.cat(pieces).sum() / count if count else torch.zeros((), device=self.device))
         return answer_losses, fluencies, correct
 
+    def _batches(self, seqs: list[Sequence], prefix: Prefix | None):
+        """``(rows, chunk, prefix_chunk, tail_ids)`` per forward batch; with a prefix, the batches are
+        its chunks and each sequence is cut after its cached prefix."""
+        if prefix is None:
+            for start in range(0, len(seqs), self.batch_size):
+                chunk = seqs[start : start + self.batch_size]
+                yield list(range(start, start + len(chunk))), chunk, None, [s.ids for s in chunk]
+            return
+        if not prefix.covers(seqs):
+            raise ValueError("These sequences do not start with the cached prefixes (one per sequence, in order).")
+        start = 0
+        for prefix_chunk in prefix.chunks:
+            rows = list(range(start, start + len(prefix_chunk.lengths)))
+            chunk = [seqs[r] for r in rows]
+            yield rows, chunk, prefix_chunk, [s.ids[n:] for s, n in zip(chunk, prefix_chunk.lengths)]
+            start = rows[-1] + 1
+
     @torch.no_grad()
-    def score(self, seqs: list[Sequence], *, answer_temperature: float) -> list[SequenceScore]:
-        """Teacher-forced answer loss, correctness and instruction fluency for each sequence."""
+    def score(self, seqs: list[Sequence], *, answer_temperature: float, prefix: Prefix | None = None) -> list[SequenceScore]:
+        """Teacher-forced answer loss, correctness and instruction fluency for each sequence.
+
+        Args:
+            prefix: Cached prefixes the sequences start with (one per sequence), from :meth:`prefill`.
+        """
         scores = []
-        for chunk in self._chunks(seqs):
-            ids, mask = self._right_padded([s.ids for s in chunk])
-            hidden = self._hidden(mask, ids=ids)
-            losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature)
+        for rows, chunk, prefix_chunk, tails in self._batches(seqs, prefix):
+            ids, mask = self._right_padded(tails)
+            hidden = self._hidden(mask, ids=ids, prefix=prefix_chunk)
+            losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature, prefix=prefix, rows=rows)
             scores += [SequenceScore(float(a), c, float(f)) for a, f, c in zip(losses, fluencies, correct)]
         return scores
 
@@ -231,6 +345,7 @@ class OptimizerLM:
         answer_temperature: float,
         fluency_weight: float,
         scores_out: list[SequenceScore] | None = None,
+        prefix: Prefix | None = None,
     ) -> tuple[float, torch.Tensor]:
         """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
 
@@ -241,6 +356,8 @@ class OptimizerLM:
         Args:
             scores_out: If given, receives each sequence's :class:`SequenceScore` from the same
                 forward pass (the current instruction's score comes for free with its gradient).
+            prefix: Cached prefixes ending right before ``position`` (from :meth:`prefill`); only the
+                rest of each sequence is then run forward and backward.
 
         Returns:
             The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
@@ -248,24 +365,29 @@ class OptimizerLM:
         current = {s.ids[s.instruction_start + position] for s in seqs}
         if len(current) != 1 or next(iter(current)) not in candidates:
             raise ValueError("All sequences must hold the same current token, and it must be a candidate.")
+        if prefix is not None and any(len(p) != s.instruction_start + position for s, p in zip(seqs, prefix.ids)):
+            raise ValueError("The cached prefixes must end right before the edited position.")
         cand = torch.tensor(candidates, device=self.device)
         one_hot = torch.zeros(len(candidates), device=self.device, dtype=self.embedding_matrix.dtype)
         one_hot[candidates.index(next(iter(current)))] = 1.0
         one_hot.requires_grad_(True)
         # The embedding module (not its raw weight) applies any scaling the architecture uses (Gemma).
         candidate_rows = self.model.get_input_embeddings()(cand).detach()
+        def mixed_logprob(logprobs: torch.Tensor) -> torch.Tensor:
+            return one_hot @ logprobs[cand].to(one_hot.dtype)
+
         total = 0.0
-        for chunk in self._chunks(seqs):
-            ids, mask = self._right_padded([s.ids for s in chunk])
+        for rows, chunk, prefix_chunk, tails in self._batches(seqs, prefix):
+            ids, mask = self._right_padded(tails)
             embeds = self.model.get_input_embeddings()(ids).detach()
-            rows = torch.arange(len(chunk), device=self.device)
-            cols = torch.tensor([s.instruction_start + position for s in chunk], device=self.device)
+            index = torch.arange(len(chunk), device=self.device)
+            offsets = prefix_chunk.lengths if prefix_chunk else [0] * len(chunk)
+            cols = torch.tensor([s.instruction_start + position - n for s, n in zip(chunk, offsets)], device=self.device)
             mixed = (one_hot @ candidate_rows).expand(len(chunk), -1)
-            embeds = embeds.index_put((rows, cols), mixed)
-            hidden = self._hidden(mask, embeds=embeds)
+            embeds = embeds.index_put((index, cols), mixed)
+            hidden = self._hidden(mask, embeds=embeds, prefix=prefix_chunk)
             losses, fluencies, correct = self._span_terms(
-                hidden, chunk, answer_temperature, fluency_targets=(position, lambda lp: one_hot @ lp[cand])
-            )
+                hidden, chunk, answer_temperature, prefix=prefix, rows=rows, edited=(position, mixed_logprob))
             if scores_out is not None:
                 scores_out += [SequenceScore(float(a.detach()), c, float(f.detach())) for a, f, c in zip(losses, fluencies, correct)]
             loss = sum(a + fluency_weight * f for a, f in zip(losses, fluencies)) / len(seqs)

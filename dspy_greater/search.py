@@ -18,7 +18,7 @@ import torch
 
 from dspy_greater.extractor import Extractor
 from dspy_greater.layout import GreaterLayout, Sequence
-from dspy_greater.model import OptimizerLM, SequenceScore
+from dspy_greater.model import OptimizerLM, Prefix, SequenceScore
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ class GreaterConfig:
             the end); the best held-out instruction is returned. Paper: picked offline from a top-10.
         allowed_tokens: ``"words"`` allows ASCII letters and spaces plus "." and "," (paper);
             ``"ascii"`` any printable ASCII; ``"all"`` every non-special token.
-        model_batch_size: Sequences per forward pass or generation batch (memory knob).
+        model_batch_size: Sequences per forward pass or generation batch (memory knob). Halved
+            automatically, and the step retried, when a step runs out of memory.
+        prefix_cache: Run each example's inputs and the instruction up to the edited position
+            once per step, and reuse that key/value cache for the proposals, the gradient and every
+            finalist's scoring. Same results (to float rounding), about 2-3x less compute per step.
         answer_tokens: Tokens generated after the extractor when free-form answers are evaluated.
         seed: Seed for Python, NumPy and torch.
     """
@@ -80,6 +84,7 @@ class GreaterConfig:
     eval_every: int = 5
     allowed_tokens: str = "words"
     model_batch_size: int = 8
+    prefix_cache: bool = True
     answer_tokens: int = 8
     seed: int = 0
 
@@ -241,13 +246,32 @@ class GreaterSearch:
             for ex, r in zip(examples, reasoning)
         ]
 
-    def propose(self, instruction: list[int], position: int, examples: list[SearchExample], rng: random.Random) -> list[int]:
+    def prefix(self, instruction: list[int], position: int, examples: list[SearchExample]) -> Prefix:
+        """Each example's sequence up to the edited position, run once and cached."""
+        before = [self.layout.frame(ex.inputs_text)[0] for ex in examples]
+        return self.lm.prefill([b + instruction[:position] for b in before], [len(b) for b in before])
+
+    def propose(
+        self,
+        instruction: list[int],
+        position: int,
+        examples: list[SearchExample],
+        rng: random.Random,
+        prefix: Prefix | None = None,
+    ) -> list[int]:
         """Candidate tokens for ``position``, conditioned on each example's inputs.
+
+        Args:
+            prefix: The examples' cached prefixes up to ``position`` (their next-token
+                distributions are the proposals'); computed here when not given.
 
         Returns candidates ordered by summed log-probability over the examples (most likely first).
         """
-        contexts = [self.layout.frame(ex.inputs_text)[0] + instruction[:position] for ex in examples]
-        logprobs = self.lm.next_token_logprobs(contexts)
+        if prefix is not None:
+            logprobs = prefix.next_logprobs
+        else:
+            contexts = [self.layout.frame(ex.inputs_text)[0] + instruction[:position] for ex in examples]
+            logprobs = self.lm.next_token_logprobs(contexts)
         allowed = self._allowed.clone()
         if position > 0:
             allowed[instruction[position - 1]] = False
@@ -270,10 +294,13 @@ class GreaterSearch:
         ordered = sorted(found, key=lambda t: -float(total[t]))
         return ordered + ([current] if current is not None else [])
 
-    def score_instruction(self, instruction: list[int], examples: list[SearchExample], reasoning=None) -> dict:
+    def score_instruction(
+        self, instruction: list[int], examples: list[SearchExample], reasoning=None, prefix: Prefix | None = None
+    ) -> dict:
         """Mistake rate, answer loss and fluency of an instruction on examples (teacher-forced)."""
         reasoning = reasoning if reasoning is not None else self.reasoning(instruction, examples)
-        scores = self.lm.score(self.sequences(instruction, examples, reasoning), answer_temperature=self.config.answer_temperature)
+        seqs = self.sequences(instruction, examples, reasoning)
+        scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix)
         return self._summarize_scores(scores)
 
     def _summarize_scores(self, scores: list[SequenceScore]) -> dict:
@@ -334,9 +361,10 @@ class GreaterSearch:
             best_heldout=_eval_dict(initial_eval),
         )
         position = 0
+        model_batch_size = self.lm.batch_size
         try:
             for step in range(cfg.num_steps):
-                record = self._step(step, instruction, position, train, rng)
+                record = self._step_with_backoff(step, instruction, position, train, rng)
                 instruction = record.pop("instruction_ids")
                 record = StepRecord(**record)
                 position = self._advance(instruction, position)
@@ -361,6 +389,8 @@ class GreaterSearch:
             result.stopped_reason = f"error: {type(exc).__name__}: {exc}"
             logger.exception("GReaTer search failed at step %d; returning the best instruction found so far.",
                              len(result.trace))
+        finally:
+            self.lm.batch_size = model_batch_size  # an out-of-memory backoff lasts for this run only
         result.best_instruction = self.layout.instruction_text(best[1])
         result.best_heldout = _eval_dict(best[2])
         ranked = sorted(seen.items(), key=lambda kv: kv[1].key(), reverse=True)
@@ -368,13 +398,31 @@ class GreaterSearch:
         result.seconds = time.perf_counter() - started
         return result
 
+    def _step_with_backoff(self, step: int, instruction: list[int], position: int, train, rng: random.Random) -> dict:
+        """One step; on out-of-memory, halve the model batch size and redo the step from the same RNG state."""
+        state, torch_state = rng.getstate(), torch.get_rng_state()
+        while True:
+            try:
+                return self._step(step, instruction, position, train, rng)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                if not is_out_of_memory(exc) or self.lm.batch_size <= 1:
+                    raise
+                self.lm.batch_size = max(1, self.lm.batch_size // 2)
+                rng.setstate(state)
+                torch.set_rng_state(torch_state)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                logger.warning("Out of memory at step %d; retrying with %d sequences per forward pass.",
+                               step, self.lm.batch_size)
+
     def _step(self, step: int, instruction: list[int], position: int, train: list[SearchExample], rng: random.Random) -> dict:
         cfg = self.config
         seconds: dict[str, float] = {}
         batch = train if cfg.batch_size is None or cfg.batch_size >= len(train) else rng.sample(train, cfg.batch_size)
 
         t0 = time.perf_counter()
-        candidates = self.propose(instruction, position, batch, rng)
+        prefix = self.prefix(instruction, position, batch) if cfg.prefix_cache else None
+        candidates = self.propose(instruction, position, batch, rng, prefix)
         if position == len(instruction):
             # Growing: the most likely proposal holds the new position while the gradient ranks all.
             instruction = [*instruction, candidates[0]]
@@ -391,7 +439,7 @@ class GreaterSearch:
         current_scores: list[SequenceScore] = []
         loss, grad = self.lm.one_hot_gradient(
             seqs, position, candidates, answer_temperature=cfg.answer_temperature, fluency_weight=cfg.fluency_weight,
-            scores_out=current_scores,
+            scores_out=current_scores, prefix=prefix,
         )
         seconds["gradient"] = time.perf_counter() - t0
 
@@ -405,7 +453,7 @@ class GreaterSearch:
                 score = self._summarize_scores(current_scores)  # same sequences as the gradient pass
             else:
                 reuse = reasoning if cfg.finalist_scoring == "teacher_forced" else None
-                score = self.score_instruction(trial, batch, reuse)
+                score = self.score_instruction(trial, batch, reuse, prefix)
             scored.append({"token": self.layout.decode([token]), "token_id": token,
                            "gradient": float(grad[candidates.index(token)]), **score})
         winner = min(scored, key=lambda s: (s["score"], s["answer_loss"]))
@@ -433,6 +481,14 @@ class GreaterSearch:
         if ends_sentence or len(instruction) >= self.config.max_instruction_tokens:
             return 0
         return position
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an accelerator or host out-of-memory error."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _eval_dict(evaluation: Evaluation) -> dict:

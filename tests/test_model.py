@@ -337,3 +337,71 @@ def test_score_correct_iff_answer_is_greedy_continuation(lm, layout, task):
     assert right.answer_loss < wrong_first.answer_loss
     # The fluency term only looks at the instruction, which is the same in all three.
     assert right.fluency == pytest.approx(wrong_first.fluency, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The shared-prefix cache changes nothing but the cost
+# ---------------------------------------------------------------------------------------------
+
+
+def _prefix_of(model: OptimizerLM, seqs: list[Sequence], position: int):
+    cut = [s.ids[: s.instruction_start + position] for s in seqs]
+    return model.prefill(cut, [s.instruction_start for s in seqs])
+
+
+@pytest.mark.parametrize("position_from_end", [1, 4])
+def test_prefill_gives_the_proposal_distribution(lm, task, position_from_end):
+    position = len(task["instruction"]) - position_from_end
+    seqs = task["seqs"]
+    prefix = _prefix_of(lm, seqs, position)
+    plain = lm.next_token_logprobs([s.ids[: s.instruction_start + position] for s in seqs])
+    torch.testing.assert_close(prefix.next_logprobs, plain, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("model_name", ["lm", "lm_small_batches"])
+def test_score_with_prefix_equals_full_forward(request, task, candidates, model_name):
+    model = request.getfixturevalue(model_name)
+    position, cands = candidates
+    instruction = task["instruction"]
+    for token in cands[:3] + cands[-1:]:
+        seqs = task["build"]([*instruction[:position], token, *instruction[position + 1 :]])
+        prefix = _prefix_of(model, seqs, position)
+        cached = model.score(seqs, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix)
+        full = model.score(seqs, answer_temperature=ANSWER_TEMPERATURE)
+        for a, b in zip(cached, full):
+            assert a.correct == b.correct
+            assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
+            assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+
+
+@pytest.mark.parametrize("position_from_end", [1, 3])
+def test_one_hot_gradient_with_prefix_equals_full_pass(lm_small_batches, task, layout, position_from_end):
+    """Same loss, same gradient, same per-sequence scores (two chunks of a batch of three)."""
+    instruction = task["instruction"]
+    position = len(instruction) - position_from_end
+    seqs = task["seqs"]
+    current = instruction[position]
+    cands = [current, *layout.encode(" quickly slowly now then")]
+    kwargs = dict(answer_temperature=ANSWER_TEMPERATURE, fluency_weight=0.2)
+    full_scores, cached_scores = [], []
+    full_loss, full_grad = lm_small_batches.one_hot_gradient(seqs, position, cands, scores_out=full_scores, **kwargs)
+    prefix = _prefix_of(lm_small_batches, seqs, position)
+    loss, grad = lm_small_batches.one_hot_gradient(seqs, position, cands, scores_out=cached_scores, prefix=prefix, **kwargs)
+    assert loss == pytest.approx(full_loss, abs=2e-4)
+    torch.testing.assert_close(grad, full_grad, rtol=1e-3, atol=2e-4)
+    assert [s.correct for s in cached_scores] == [s.correct for s in full_scores]
+    for a, b in zip(cached_scores, full_scores):
+        assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+
+
+def test_prefix_must_match_the_sequences(lm, task):
+    seqs = task["seqs"]
+    position = len(task["instruction"]) - 1
+    prefix = _prefix_of(lm, seqs, position)
+    with pytest.raises(ValueError, match="do not start with the cached prefixes"):
+        lm.score(list(reversed(seqs)), answer_temperature=ANSWER_TEMPERATURE, prefix=prefix)
+    with pytest.raises(ValueError, match="end right before the edited position"):
+        lm.one_hot_gradient(seqs, position - 1, [task["instruction"][position - 1]],
+                            answer_temperature=ANSWER_TEMPERATURE, fluency_weight=0.0, prefix=prefix)
+    with pytest.raises(ValueError, match="at least one token"):
+        lm.prefill([[]], [0])

@@ -444,12 +444,12 @@ def test_failure_after_some_steps_keeps_the_best_result(lm, layout, navigate, mo
 
     def failing_step(step, *args, **kwargs):
         if step == 1:
-            raise RuntimeError("out of memory (simulated)")
+            raise RuntimeError("disk full (simulated)")
         return real_step(step, *args, **kwargs)
 
     monkeypatch.setattr(search, "_step", failing_step)
     result = search.run("Be brief.", nav[:2], nav[2:3])
-    assert result.stopped_reason == "error: RuntimeError: out of memory (simulated)"
+    assert result.stopped_reason == "error: RuntimeError: disk full (simulated)"
     assert len(result.trace) == 1
     assert result.best_heldout["accuracy"] >= result.initial_heldout["accuracy"]
 
@@ -465,3 +465,50 @@ def test_failure_before_any_step_is_raised(lm, layout, navigate, monkeypatch):
     monkeypatch.setattr(search, "_step", broken_step)
     with pytest.raises(RuntimeError, match="broken"):
         search.run("Be brief.", nav[:2], nav[2:3])
+
+
+@pytest.mark.slow
+def test_out_of_memory_halves_the_model_batch_and_redoes_the_step(lm, layout, navigate, monkeypatch, caplog):
+    """An OOM while the model batch holds more than 2 sequences: the step is redone from the same
+    RNG state with smaller batches, so the run ends where an OOM-free run ends."""
+    extractor, nav = navigate
+    settings = dict(num_steps=2, batch_size=4, max_reasoning_tokens=4, num_finalists=1, eval_every=1, seed=0)
+    clean = _search(lm, layout, extractor, **settings).run("Be brief.", nav[:4], nav[4:6])
+
+    search = _search(lm, layout, extractor, **settings)
+    real_gradient = lm.one_hot_gradient
+    seen_batch_sizes = []
+
+    def gradient_needing_small_batches(*args, **kwargs):
+        seen_batch_sizes.append(lm.batch_size)
+        if lm.batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_gradient(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "one_hot_gradient", gradient_needing_small_batches)
+    before = lm.batch_size
+    with caplog.at_level("WARNING", logger="dspy_greater.search"):
+        result = search.run("Be brief.", nav[:4], nav[4:6])
+    assert result.stopped_reason == "completed"
+    assert seen_batch_sizes[:3] == [8, 4, 2] and set(seen_batch_sizes[3:]) == {2}
+    assert "retrying with 4 sequences" in caplog.text and "retrying with 2 sequences" in caplog.text
+    assert [r.instruction for r in result.trace] == [r.instruction for r in clean.trace]
+    assert lm.batch_size == before  # the backoff does not outlive the run
+
+
+@pytest.mark.slow
+def test_prefix_cache_changes_nothing_but_the_cost(lm, layout, navigate, main_run):
+    """The main run (prefix cache on) again without the cache: same tokens, same losses and scores."""
+    extractor, nav = navigate
+    _, cached, _, train, heldout = main_run
+    search = _search(lm, layout, extractor, num_steps=3, batch_size=4, max_reasoning_tokens=16, eval_every=1,
+                     seed=0, prefix_cache=False)
+    plain = search.run("Think carefully", train, heldout)
+    assert [r.instruction for r in plain.trace] == [r.instruction for r in cached.trace]
+    assert [r.candidates for r in plain.trace] == [r.candidates for r in cached.trace]
+    for a, b in zip(plain.trace, cached.trace):
+        assert a.loss == pytest.approx(b.loss, abs=1e-3)
+        assert [f["token"] for f in a.finalists] == [f["token"] for f in b.finalists]
+        for fa, fb in zip(a.finalists, b.finalists):
+            assert fa["score"] == pytest.approx(fb["score"], abs=1e-3)
+            assert fa["answer_loss"] == pytest.approx(fb["answer_loss"], abs=1e-3)
