@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dspy_greater import checkpoint as checkpoint_io
 from dspy_greater.extractor import Extractor
 from dspy_greater.layout import GreaterLayout, Sequence
 from dspy_greater.model import OptimizerLM, Prefix, SequenceScore
@@ -58,6 +60,7 @@ class GreaterConfig:
             ``"ascii"`` any printable ASCII; ``"all"`` every non-special token.
         model_batch_size: Sequences per forward pass or generation batch (memory knob). Halved
             automatically, and the step retried, when a step runs out of memory.
+        checkpoint_every: With a checkpoint file, rewrite it every this many steps (and at the end).
         prefix_cache: Run each example's inputs and the instruction up to the edited position
             once per step, and reuse that key/value cache for the proposals, the gradient and every
             finalist's scoring. Same results (to float rounding), about 2-3x less compute per step.
@@ -85,6 +88,7 @@ class GreaterConfig:
     allowed_tokens: str = "words"
     model_batch_size: int = 8
     prefix_cache: bool = True
+    checkpoint_every: int = 1
     answer_tokens: int = 8
     seed: int = 0
 
@@ -106,7 +110,7 @@ class GreaterConfig:
 
     def validate(self) -> None:
         positive = ["num_steps", "topk", "intersect_q", "intersect_size", "min_candidates", "num_finalists",
-                    "max_reasoning_tokens", "max_instruction_tokens", "eval_every", "model_batch_size",
+                    "max_reasoning_tokens", "max_instruction_tokens", "eval_every", "model_batch_size", "checkpoint_every",
                     "answer_tokens"]
         for name in [*positive, "topk_growth"]:
             value = getattr(self, name)
@@ -172,6 +176,19 @@ class StepRecord:
 
 
 @dataclass
+class _RunState:
+    """What a run carries from step to step (and what a checkpoint holds)."""
+
+    instruction: list[int]
+    initial: list[int]
+    seen: dict[tuple[int, ...], Evaluation]
+    position: int = 0
+    next_step: int = 0
+    trace: list[StepRecord] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+@dataclass
 class SearchResult:
     """The outcome of a search; ``to_dict()`` is JSON-serialisable."""
 
@@ -184,6 +201,7 @@ class SearchResult:
     trace: list[StepRecord] = field(default_factory=list)
     stopped_reason: str = "completed"
     seconds: float = 0.0
+    resumed_at_step: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -340,63 +358,132 @@ class GreaterSearch:
         heldout: list[SearchExample],
         *,
         progress: Callable[[StepRecord], None] | None = None,
+        checkpoint: str | os.PathLike | None = None,
     ) -> SearchResult:
-        """Optimize ``initial_instruction`` on ``train``; keep the best instruction on ``heldout``."""
+        """Optimize ``initial_instruction`` on ``train``; keep the best instruction on ``heldout``.
+
+        Args:
+            progress: Called with each step's record.
+            checkpoint: A JSON file. When it exists (from an earlier, interrupted run with the same
+                data, settings, model and instruction), the search resumes after its last step and
+                ends exactly where an uninterrupted run ends; it is rewritten every
+                ``config.checkpoint_every`` steps and kept at the end.
+        """
         cfg = self.config
+        started = time.perf_counter()
+        heldout = heldout or train
+        stamp = self._fingerprint(initial_instruction, train, heldout)
+        saved = checkpoint_io.load(checkpoint, stamp) if checkpoint is not None else None
         rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)  # sampled reasoning (reasoning_temperature > 0) is reproducible too
-        started = time.perf_counter()
-        instruction = self.layout.encode(initial_instruction)
-        if not instruction:
-            raise ValueError("The initial instruction is empty; give at least one word.")
-        heldout = heldout or train
-        initial_eval = self.evaluate(instruction, heldout)
-        best = (initial_eval.key(), instruction, initial_eval)
-        seen: dict[tuple[int, ...], Evaluation] = {tuple(instruction): initial_eval}
-        result = SearchResult(
-            initial_instruction=self.layout.instruction_text(instruction),
-            best_instruction=self.layout.instruction_text(instruction),
-            final_instruction=self.layout.instruction_text(instruction),
-            initial_heldout=_eval_dict(initial_eval),
-            best_heldout=_eval_dict(initial_eval),
-        )
-        position = 0
+        if saved is not None:
+            state = self._restore(saved, rng)
+            logger.info("Resuming the GReaTer search from %s after step %d.", checkpoint, state.next_step)
+        else:
+            instruction = self.layout.encode(initial_instruction)
+            if not instruction:
+                raise ValueError("The initial instruction is empty; give at least one word.")
+            state = _RunState(instruction=instruction, initial=instruction,
+                              seen={tuple(instruction): self.evaluate(instruction, heldout)})
+        resumed_at = state.next_step if saved is not None else None
         model_batch_size = self.lm.batch_size
+        stopped_reason = "completed"
         try:
-            for step in range(cfg.num_steps):
-                record = self._step_with_backoff(step, instruction, position, train, rng)
-                instruction = record.pop("instruction_ids")
+            for step in range(state.next_step, cfg.num_steps):
+                record = self._step_with_backoff(step, state.instruction, state.position, train, rng)
+                state.instruction = record.pop("instruction_ids")
                 record = StepRecord(**record)
-                position = self._advance(instruction, position)
+                state.position = self._advance(state.instruction, state.position)
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
                     t0 = time.perf_counter()
-                    evaluation = seen.get(tuple(instruction)) or self.evaluate(instruction, heldout)
-                    seen[tuple(instruction)] = evaluation
+                    key = tuple(state.instruction)
+                    evaluation = state.seen.get(key) or self.evaluate(state.instruction, heldout)
+                    state.seen[key] = evaluation
                     record.seconds["heldout"] = time.perf_counter() - t0
                     record.heldout_accuracy, record.heldout_loss = evaluation.accuracy, evaluation.mean_loss
-                    if evaluation.key() > best[0]:
-                        best = (evaluation.key(), list(instruction), evaluation)
-                result.trace.append(record)
-                result.final_instruction = record.instruction
+                state.trace.append(record)
+                state.next_step = step + 1
+                if checkpoint is not None and (state.next_step % cfg.checkpoint_every == 0 or state.next_step == cfg.num_steps):
+                    self._save(checkpoint, stamp, state, rng, state.elapsed + time.perf_counter() - started)
                 if progress:
                     progress(record)
         except KeyboardInterrupt:
-            result.stopped_reason = "interrupted"
-            logger.warning("GReaTer search interrupted; returning the best instruction found so far.")
+            stopped_reason = "interrupted"
+            logger.warning("GReaTer search interrupted; returning the best instruction found so far%s.",
+                           f" (checkpoint: {checkpoint})" if checkpoint is not None else "")
         except Exception as exc:
-            if not result.trace:
+            if not state.trace:
                 raise  # nothing found yet: the caller should see the error itself
-            result.stopped_reason = f"error: {type(exc).__name__}: {exc}"
+            stopped_reason = f"error: {type(exc).__name__}: {exc}"
             logger.exception("GReaTer search failed at step %d; returning the best instruction found so far.",
-                             len(result.trace))
+                             len(state.trace))
         finally:
             self.lm.batch_size = model_batch_size  # an out-of-memory backoff lasts for this run only
-        result.best_instruction = self.layout.instruction_text(best[1])
-        result.best_heldout = _eval_dict(best[2])
-        ranked = sorted(seen.items(), key=lambda kv: kv[1].key(), reverse=True)
-        result.top_instructions = [{"instruction": self.layout.instruction_text(list(ids)), **_eval_dict(ev)} for ids, ev in ranked[:10]]
-        result.seconds = time.perf_counter() - started
-        return result
+        return self._result(state, stopped_reason, state.elapsed + time.perf_counter() - started, resumed_at)
+
+    def _result(self, state: _RunState, stopped_reason: str, seconds: float, resumed_at: int | None) -> SearchResult:
+        # Highest (accuracy, -loss) first; ties keep the order found, so the earliest best wins.
+        ranked = sorted(state.seen.items(), key=lambda kv: kv[1].key(), reverse=True)
+        text = self.layout.instruction_text
+        return SearchResult(
+            initial_instruction=text(state.initial),
+            best_instruction=text(list(ranked[0][0])),
+            final_instruction=state.trace[-1].instruction if state.trace else text(state.initial),
+            initial_heldout=_eval_dict(state.seen[tuple(state.initial)]),
+            best_heldout=_eval_dict(ranked[0][1]),
+            top_instructions=[{"instruction": text(list(ids)), **_eval_dict(ev)} for ids, ev in ranked[:10]],
+            trace=state.trace,
+            stopped_reason=stopped_reason,
+            seconds=seconds,
+            resumed_at_step=resumed_at,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _fingerprint(self, initial_instruction: str, train: list[SearchExample], heldout: list[SearchExample]) -> str:
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("num_steps", "checkpoint_every")}
+        return checkpoint_io.fingerprint({
+            "initial_instruction": initial_instruction,
+            "train": [dataclasses.astuple(ex) for ex in train],
+            "heldout": [dataclasses.astuple(ex) for ex in heldout],
+            "extractor": [self.extractor.kind, self.extractor.text, list(self.extractor.choices)],
+            "config": settings,
+            "model": getattr(self.lm.model.config, "_name_or_path", type(self.lm.model).__name__),
+            "vocab_size": self.lm.vocab_size,
+            "layout": [self.layout.name, self.layout.separator],
+        })
+
+    def _save(self, path, stamp: str, state: _RunState, rng: random.Random, elapsed: float) -> None:
+        checkpoint_io.save(path, {
+            "fingerprint": stamp,
+            "next_step": state.next_step,
+            "position": state.position,
+            "instruction": state.instruction,
+            "initial": state.initial,
+            "seen": [{"ids": list(ids), "predictions": ev.predictions, "labels": ev.labels, "mean_loss": ev.mean_loss}
+                     for ids, ev in state.seen.items()],
+            "trace": [dataclasses.asdict(r) for r in state.trace],
+            "reasoning": [[text, list(ids), out] for (text, ids), out in self._reasoning.items()],
+            "python_rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]],
+            "torch_rng": torch.get_rng_state().tolist(),
+            "elapsed": elapsed,
+        })
+
+    def _restore(self, saved: dict, rng: random.Random) -> _RunState:
+        version, internal, gauss = saved["python_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(torch.tensor(saved["torch_rng"], dtype=torch.uint8))
+        for text, ids, out in saved["reasoning"]:
+            self._reasoning[(text, tuple(ids))] = out
+        return _RunState(
+            instruction=saved["instruction"],
+            initial=saved["initial"],
+            seen={tuple(e["ids"]): Evaluation(e["predictions"], e["labels"], e["mean_loss"]) for e in saved["seen"]},
+            position=saved["position"],
+            next_step=saved["next_step"],
+            trace=[StepRecord(**r) for r in saved["trace"]],
+            elapsed=saved["elapsed"],
+        )
 
     def _step_with_backoff(self, step: int, instruction: list[int], position: int, train, rng: random.Random) -> dict:
         """One step; on out-of-memory, halve the model batch size and redo the step from the same RNG state."""

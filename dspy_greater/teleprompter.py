@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import os
+import pathlib
 import random
 import threading
 import typing
@@ -126,7 +128,15 @@ class GReaTerTeleprompter(Teleprompter):
 
     # -- public API ----------------------------------------------------------------------------------
 
-    def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset: list | None = None) -> dspy.Module:
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list,
+        teacher=None,
+        valset: list | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+    ) -> dspy.Module:
         """Optimize ``student``'s instruction; return an optimized copy (``student`` is untouched).
 
         Args:
@@ -135,6 +145,9 @@ class GReaTerTeleprompter(Teleprompter):
             teacher: Unused (accepted for DSPy compatibility).
             valset: Held-out examples; the best instruction is chosen on them. Defaults to a
                 seeded quarter of ``trainset`` (or all of it when it is tiny).
+            checkpoint_dir: Folder for one JSON checkpoint per predictor (``<name>.json``), written
+                after every step. Calling ``compile`` again with the same folder and inputs resumes
+                where the last run stopped. Ctrl-C returns the best program so far and keeps it.
 
         Returns:
             A deep copy of ``student`` with the optimized instruction and a plain-data
@@ -154,13 +167,16 @@ class GReaTerTeleprompter(Teleprompter):
             logger.info("step %d pos %d chose %r: %s", record.step, record.position, record.chosen, record.instruction)
 
         try:
+            checkpoint = pathlib.Path(checkpoint_dir) / f"{_safe_name(name)}.json" if checkpoint_dir is not None else None
             result = search.run(initial, [task.search_example(e) for e in train],
-                                [task.search_example(e) for e in heldout], progress=on_step)
+                                [task.search_example(e) for e in heldout], progress=on_step, checkpoint=checkpoint)
         finally:
             bar.close()
         results = _result_dict(result, task)
         chosen = result.best_instruction
-        if self.target_candidates and valset and self.metric is not None and _target_lm(predictor)[0] is not None:
+        if result.stopped_reason == "interrupted":
+            logger.warning("Interrupted: returning the best instruction found so far, without target-LM selection.")
+        elif self.target_candidates and valset and self.metric is not None and _target_lm(predictor)[0] is not None:
             results["target_selection"] = self._select_on_target(student, name, task, result, valset)
             chosen = results["target_selection"]["chosen"]
         program = _with_instruction(student, name, chosen)
@@ -434,3 +450,8 @@ def _result_dict(result: SearchResult, task: PredictorTask) -> dict:
     data = result.to_dict()
     data["extractor"] = {"field": task.output_field, "kind": task.extractor.kind, "text": task.extractor.text, "choices": list(task.extractor.choices)}
     return data
+
+
+def _safe_name(name: str) -> str:
+    """A predictor name as a file name (``"steps[0].predict"`` -> ``"steps_0_.predict"``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "predictor"

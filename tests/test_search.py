@@ -512,3 +512,68 @@ def test_prefix_cache_changes_nothing_but_the_cost(lm, layout, navigate, main_ru
         for fa, fb in zip(a.finalists, b.finalists):
             assert fa["score"] == pytest.approx(fb["score"], abs=1e-3)
             assert fa["answer_loss"] == pytest.approx(fb["answer_loss"], abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Checkpoints: interrupt, resume, end exactly where an uninterrupted run ends
+# ---------------------------------------------------------------------------------------------
+
+_RESUME_SETTINGS = dict(num_steps=4, batch_size=2, max_reasoning_tokens=6, num_finalists=2, eval_every=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(lm, layout, navigate):
+    extractor, nav = navigate
+    return _search(lm, layout, extractor, **_RESUME_SETTINGS).run("Think step by step.", nav[:4], nav[4:6])
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_end(lm, layout, navigate, uninterrupted, tmp_path):
+    extractor, nav = navigate
+    path = tmp_path / "run.json"
+
+    def interrupt_after_second_step(record):
+        if record.step == 1:
+            raise KeyboardInterrupt
+
+    first = _search(lm, layout, extractor, **_RESUME_SETTINGS).run(
+        "Think step by step.", nav[:4], nav[4:6], progress=interrupt_after_second_step, checkpoint=path)
+    assert first.stopped_reason == "interrupted" and len(first.trace) == 2
+    saved = json.loads(path.read_text())
+    assert saved["next_step"] == 2 and saved["format"] == "dspy_greater.checkpoint/1"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave nothing behind
+
+    resumed = _search(lm, layout, extractor, **_RESUME_SETTINGS).run(
+        "Think step by step.", nav[:4], nav[4:6], checkpoint=path)  # a fresh search object: nothing in memory
+    assert resumed.resumed_at_step == 2 and resumed.stopped_reason == "completed"
+    assert [r.instruction for r in resumed.trace] == [r.instruction for r in uninterrupted.trace]
+    assert [r.candidates for r in resumed.trace] == [r.candidates for r in uninterrupted.trace]
+    assert [r.loss for r in resumed.trace] == pytest.approx([r.loss for r in uninterrupted.trace], abs=1e-6)
+    assert resumed.best_instruction == uninterrupted.best_instruction
+    assert resumed.best_heldout == uninterrupted.best_heldout
+    assert resumed.top_instructions == uninterrupted.top_instructions
+
+    # Run again on the finished checkpoint: nothing is recomputed, the same result comes back.
+    again = _search(lm, layout, extractor, **_RESUME_SETTINGS).run(
+        "Think step by step.", nav[:4], nav[4:6], checkpoint=path)
+    assert again.resumed_at_step == 4 and [r.instruction for r in again.trace] == [r.instruction for r in resumed.trace]
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_run_is_refused_before_any_work(lm, layout, navigate, tmp_path, monkeypatch):
+    from dspy_greater.checkpoint import CheckpointMismatchError
+
+    extractor, nav = navigate
+    path = tmp_path / "run.json"
+    _search(lm, layout, extractor, **{**_RESUME_SETTINGS, "num_steps": 1}).run(
+        "Be brief.", nav[:2], nav[2:3], checkpoint=path)
+    search = _search(lm, layout, extractor, **{**_RESUME_SETTINGS, "num_steps": 1})
+    monkeypatch.setattr(search, "evaluate", lambda *a, **k: pytest.fail("work started before the check"))
+    with pytest.raises(CheckpointMismatchError, match="different run"):
+        search.run("Be brief.", nav[2:4], nav[2:3], checkpoint=path)  # other training rows
+    with pytest.raises(CheckpointMismatchError, match="different run"):
+        _search(lm, layout, extractor, **{**_RESUME_SETTINGS, "num_steps": 1, "topk": 5}).run(
+            "Be brief.", nav[:2], nav[2:3], checkpoint=path)  # other settings
+    path.write_text("{not json")
+    with pytest.raises(CheckpointMismatchError, match="not a readable"):
+        search.run("Be brief.", nav[:2], nav[2:3], checkpoint=path)

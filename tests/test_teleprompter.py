@@ -103,3 +103,39 @@ def test_compile_on_an_integer_task(teleprompter):
     result = optimized.greater_results["predict"]
     assert result["extractor"]["kind"] == "integer"
     assert len(result["trace"]) == 2
+
+
+def test_ctrl_c_returns_the_best_program_and_the_checkpoint_resumes(teleprompter, navigate, compiled, tmp_path):
+    """A real KeyboardInterrupt in the main thread after the first step (as Ctrl-C delivers it)."""
+    import _thread
+    import logging
+
+    train, val = navigate
+
+    class InterruptAfterFirstStep(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("step 0 "):
+                _thread.interrupt_main()
+
+    log = logging.getLogger("dspy_greater.teleprompter")
+    handler, level = InterruptAfterFirstStep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        interrupted = teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train, valset=val,
+                                           checkpoint_dir=tmp_path)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    first = interrupted.greater_results["predict"]
+    assert first["stopped_reason"] == "interrupted" and len(first["trace"]) == 1
+    assert interrupted.predict.signature.instructions == first["best_instruction"]
+    assert json.loads((tmp_path / "predict.json").read_text())["next_step"] == 1
+
+    resumed = teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train, valset=val,
+                                   checkpoint_dir=tmp_path)
+    result = resumed.greater_results["predict"]
+    uninterrupted = compiled[2].greater_results["predict"]
+    assert result["resumed_at_step"] == 1 and result["stopped_reason"] == "completed"
+    assert [s["instruction"] for s in result["trace"]] == [s["instruction"] for s in uninterrupted["trace"]]
+    assert result["best_instruction"] == uninterrupted["best_instruction"]
