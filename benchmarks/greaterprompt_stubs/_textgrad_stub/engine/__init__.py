@@ -1,0 +1,1 @@
+"""Stand-in for greaterprompt.core.TextGrad.textgrad_ollm.textgrad.engine."""
