@@ -45,7 +45,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         from dspy_greater.server import LlamaCppServer
 
         with LlamaCppServer(None if args.target == "smollm2" else args.target) as server:
-            print(f"Target LM: {server.alias} served by llama.cpp at {server.api_base}")
+            kind = "plain-text completions: the GGUF has no chat template" if server.plain_text else "chat"
+            print(f"Target LM: {server.alias} served by llama.cpp at {server.api_base} ({kind})")
             return _run_demo(args, server)
     return _run_demo(args, None)
 
