@@ -71,7 +71,8 @@ def render_prompt(request: Request) -> str:
         if not isinstance(system, str):
             parts = [getattr(part, "text", None) for part in system]
             if any(text is None for text in parts):
-                raise UnsupportedFeatureError("A plain-text completion carries text only; the system prompt has other parts.")
+                raise UnsupportedFeatureError(
+                    "A plain-text completion carries text only; the system prompt has other parts.")
             system = "".join(parts)
         texts.append(system)
     for message in request.messages:

@@ -16,7 +16,7 @@ import uuid
 import dspy
 import pytest
 import torch
-from dspy.lm15 import Message, Request, UnsupportedFeatureError
+from dspy.lm15 import Config, Message, Request, UnsupportedFeatureError
 
 from dspy_greater import GReaTerTeleprompter
 from dspy_greater.adapter import GReaTerAdapter
@@ -76,6 +76,8 @@ def test_render_prompt_sends_one_user_message_verbatim_and_joins_several():
     args = engine.arguments(Request(model="m", messages=(Message.user("x"),)))
     assert args["model"] == "text-completion-openai/m" and args["prompt"] == "x"
     assert (args["api_base"], args["api_key"], args["timeout"], args["num_retries"]) == ("http://h/v1", "k", 5, 0)
+    with pytest.raises(UnsupportedFeatureError, match="logprobs"):  # a plain completion cannot carry it: refused
+        engine.arguments(Request(model="m", messages=(Message.user("x"),), config=Config(logprobs=0)))
 
 
 def test_plain_text_lm_state_round_trip():
