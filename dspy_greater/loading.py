@@ -350,9 +350,11 @@ def _resolve_source(spec: ModelSpec) -> _Source:
                 f"Optimizer model not found: {gguf} does not exist.{hint} Fix gguf_file or name_or_path."
             )
         return _Source("gguf_local", str(gguf.absolute()))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if (folder / "config.json").is_file() or not ggufs:
+        _refuse_pickled_weights(folder)
     if (folder / "config.json").is_file():
         return _Source("pretrained", str(folder))
-    ggufs = sorted(folder.glob("*.gguf"))
     if len(ggufs) == 1:
         return _Source("gguf_local", str(ggufs[0].absolute()))
     if len(ggufs) > 1:
@@ -364,6 +366,23 @@ def _resolve_source(spec: ModelSpec) -> _Source:
         f"Optimizer model not found: the folder {folder} has neither a config.json (a model saved "
         "with save_pretrained) nor a .gguf file. Point name_or_path at a model folder or a GGUF file."
     )
+
+
+# Weight files that are Python pickles (loading one can run arbitrary code).
+_PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_pickled_weights(folder: pathlib.Path) -> None:
+    """Raise when a model folder holds pickled weights and no safetensors (checked before loading)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted({p.name for pattern in _PICKLED_WEIGHTS for p in folder.glob(pattern)})
+    if pickled:
+        raise ModelNotFoundError(
+            f"The model folder {folder} has no safetensors weights, only pickled ones ({', '.join(pickled[:3])}), "
+            "which dspy-greater never loads (unpickling can run arbitrary code). Convert them to safetensors "
+            "(model.save_pretrained(folder, safe_serialization=True), in an environment you trust) or use a GGUF file."
+        )
 
 
 def _check_device(device: str) -> None:

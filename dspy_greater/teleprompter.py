@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import dspy
 import numpy as np
 import torch
+from dspy.adapters.chat_adapter import field_header_pattern
 from dspy.teleprompt import Teleprompter
 from dspy.utils.exceptions import AdapterParseError
 from tqdm.auto import tqdm
@@ -117,6 +118,8 @@ class GReaTerTeleprompter(Teleprompter):
             raise TypeError("extractor must be a str, an Extractor or None.")
         if initial_instruction is not None and not str(initial_instruction).strip():
             raise ValueError("initial_instruction is empty; pass None to start from the predictor's instruction.")
+        if initial_instruction is not None:
+            _check_instruction(str(initial_instruction), "initial_instruction")
         self.extractor = extractor
         self.initial_instruction = initial_instruction
         self.progress = progress
@@ -141,7 +144,9 @@ class GReaTerTeleprompter(Teleprompter):
 
         Args:
             student: A program with one ``dspy.Predict`` or ``dspy.ChainOfThought`` predictor.
-            trainset: Labelled ``dspy.Example``s with ``with_inputs`` set.
+            trainset: Labelled ``dspy.Example``s with ``with_inputs`` set. Exact repeats (same inputs,
+                same canonical label) are used once; examples with the same inputs but different
+                labels are all kept; both are logged as warnings. ``valset`` is used as given.
             teacher: Unused (accepted for DSPy compatibility).
             valset: Held-out examples; the best instruction is chosen on them. Defaults to a
                 seeded quarter of ``trainset`` (or all of it when it is tiny).
@@ -154,10 +159,10 @@ class GReaTerTeleprompter(Teleprompter):
             ``greater_results`` attribute (per predictor: the search result as a dict).
         """
         name, predictor, task = self._prepare(student, trainset, valset)
-        train, heldout = self._split(trainset, valset, task)
+        train, heldout = self._split(_deduplicated(trainset, task), valset, task)
         self._seed()
         search = self._search(task)
-        self._check_context(search, task, train + heldout)
+        self._check_context(search, task, [("trainset", list(trainset)), ("valset", list(valset or []))])
         initial = self.initial_instruction or task.instruction
         bar = tqdm(total=self.config.num_steps, desc=f"GReaTer [{name}]", disable=not self.progress)
 
@@ -212,14 +217,17 @@ class GReaTerTeleprompter(Teleprompter):
         logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): about %d calls.",
                     len(candidates), len(valset), model, source, estimate)
         history_before = len(getattr(lm, "history", []))
-        evaluate = dspy.Evaluate(devset=list(valset), metric=self.metric, num_threads=self.num_threads,
-                                 display_progress=self.progress, provide_traceback=False, max_errors=len(valset) + 1)
+        metric_failures: list[Exception] = []  # dspy.Evaluate would score a raising metric 0 silently
+        evaluate = dspy.Evaluate(devset=list(valset), metric=_recording_failures(self.metric, metric_failures),
+                                 num_threads=self.num_threads, display_progress=self.progress,
+                                 provide_traceback=False, max_errors=len(valset) + 1)
         scores, errors, unparsed, target_down = {}, {}, {}, None
         for text in candidates:
             if target_down:
                 errors[text] = f"skipped: {target_down}"
                 continue
             failures: list[Exception] = []
+            metric_failures.clear()
             candidate = _with_instruction(student, name, text)
             if source == "predictor.lm":  # the deep copy copied the LM: every candidate uses the one object
                 dict(candidate.named_predictors())[name].lm = lm
@@ -237,6 +245,13 @@ class GReaTerTeleprompter(Teleprompter):
                 logger.warning("Target-LM evaluation failed for %r: %s", text, errors[text])
                 if len(lm_failures) == len(valset):
                     target_down = "the target LM failed on every example of the previous candidate"
+                continue
+            if metric_failures:
+                errors[text] = (f"the metric raised on {len(metric_failures)} of {len(valset)} examples: "
+                                f"{type(metric_failures[0]).__name__}: {metric_failures[0]}")
+                logger.warning("Target-LM selection: %s for %r; this candidate gets no score.", errors[text], text)
+                if len(metric_failures) == len(valset):
+                    target_down = "the metric raised on every example of the previous candidate"
                 continue
             scores[text] = float(outcome.score)
             if failures:
@@ -268,7 +283,12 @@ class GReaTerTeleprompter(Teleprompter):
     def use_loaded_model(self, model, tokenizer) -> GReaTerTeleprompter:
         """Use an already loaded Hugging Face causal LM and tokenizer as the optimizer model."""
         if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("The tokenizer has neither a pad token nor an eos token, and batching needs one; set "
+                                 "tokenizer.pad_token to one of its tokens (e.g. tokenizer.pad_token = '<pad>' if it "
+                                 "has it) before use_loaded_model.")
             tokenizer.pad_token = tokenizer.eos_token
+            logger.info("Tokenizer has no pad token; using its eos token %r as pad token.", tokenizer.eos_token)
         model.requires_grad_(False)
         self._lm = OptimizerLM(model.eval(), tokenizer, batch_size=self.config.model_batch_size)
         return self
@@ -296,6 +316,8 @@ class GReaTerTeleprompter(Teleprompter):
             )
         name, predictor = predictors[0]
         signature = predictor.signature
+        if self.initial_instruction is None:
+            _check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
         inputs = tuple(signature.input_fields)
         outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
         for field_name in [*inputs, *outputs]:
@@ -352,20 +374,36 @@ class GReaTerTeleprompter(Teleprompter):
         lm = self._optimizer_lm()
         return GreaterSearch(lm, GreaterLayout(lm.tokenizer), task.extractor, self.config)
 
-    def _check_context(self, search: GreaterSearch, task: PredictorTask, examples) -> None:
-        """Fail before any step when the longest sequence cannot fit the model's context."""
+    def _check_context(self, search: GreaterSearch, task: PredictorTask, named_sets) -> None:
+        """Fail before any step when an example's sequence cannot fit the model's context.
+
+        ``named_sets``: ``[("trainset", examples), ("valset", examples)]``, so the error names the example.
+        """
         limit = getattr(search.lm.model.config, "max_position_embeddings", None)
         if not limit:
             return
         instruction = search.layout.encode(self.initial_instruction or task.instruction)
         room = self.config.max_reasoning_tokens + len(search.extractor_ids) + 16
         room += max(len(instruction), self.config.max_instruction_tokens)
-        longest = max(len(search.layout.prompt(task.inputs_text(e), []).ids) for e in examples)
-        if longest + room > limit:
+        bare = len(search.layout.prompt("", []).ids)
+        if bare + room > limit:  # not even empty inputs fit: the instruction or the reasoning budget is too long
             raise ValueError(
-                f"The longest example ({longest} tokens) plus instruction, reasoning ({self.config.max_reasoning_tokens}) "
-                f"and answer needs {longest + room} tokens, more than the optimizer model's context of {limit}. "
-                "Shorten the inputs or the instruction, lower max_reasoning_tokens, or use a model with a longer context."
+                f"The instruction ({len(instruction)} tokens), reasoning ({self.config.max_reasoning_tokens}) and answer "
+                f"alone need {bare + room} tokens, more than the optimizer model's context of {limit}. Shorten the "
+                "instruction, lower max_reasoning_tokens, or use a model with a longer context."
+            )
+        lengths = [(len(search.layout.prompt(task.inputs_text(e), []).ids), f"{what}[{i}]")
+                   for what, examples in named_sets for i, e in enumerate(examples)]
+        too_long = [(n, where) for n, where in lengths if n + room > limit]
+        if too_long:
+            longest, where = max(too_long)
+            others = f" ({len(too_long) - 1} more examples are too long too)" if len(too_long) > 1 else ""
+            raise ValueError(
+                f"{where} is too long for the optimizer model: its inputs take {longest} tokens, and with the "
+                f"instruction ({len(instruction)}), reasoning ({self.config.max_reasoning_tokens}) and answer it needs "
+                f"{longest + room} tokens, more than the optimizer model's context of {limit}{others}. Shorten its "
+                "inputs (or drop it) or the instruction, lower max_reasoning_tokens, or use an optimizer model with a "
+                "longer context."
             )
 
 
@@ -407,7 +445,51 @@ def _check_examples(examples, what: str, inputs: tuple[str, ...], outputs: list[
                     f"{what}[{i}].{key} is a {type(example[key]).__name__}; GReaTer handles text values only. "
                     "Convert it to str."
                 )
+            if role == "label" and not str(example[key]).strip():
+                raise ValueError(f"{what}[{i}] has an empty label {key!r} ({example[key]!r}); the search scores how "
+                                 "likely the label is, so give it a non-empty label or drop the example.")
     return list(examples)
+
+
+def _check_instruction(text: str, what: str) -> None:
+    """Refuse an instruction holding DSPy's ``[[ ## field ## ]]`` markers.
+
+    ChatAdapter shows the instruction to the target LM inside the prompt whose reply structure those
+    markers define and splits the reply at them; a marker inside the instruction is
+    indistinguishable from the adapter's own.
+    """
+    marker = field_header_pattern.search(text)
+    if marker:
+        raise ValueError(
+            f"{what} contains DSPy's field marker {marker.group(0)!r}. ChatAdapter frames the prompt and splits the "
+            "target LM's reply at these markers, so one inside the instruction invites a reply the adapter cannot "
+            f"parse. Remove it and name the field in plain words (e.g. `{marker.group(1)}`)."
+        )
+
+
+def _deduplicated(examples: list, task: PredictorTask) -> list:
+    """``examples`` with exact repeats (same inputs and label) dropped, with a warning; examples with the same
+    inputs but different labels are kept, with a warning (no instruction can get all of them right)."""
+    first: dict[SearchExample, int] = {}
+    labels: dict[str, dict[str, int]] = {}
+    kept, repeats = [], []
+    for i, example in enumerate(examples):
+        key = task.search_example(example)
+        if key in first:
+            repeats.append(f"[{i}] repeats [{first[key]}]")
+            continue
+        first[key] = i
+        labels.setdefault(key.inputs_text, {})[key.label] = i
+        kept.append(example)
+    if repeats:
+        logger.warning("trainset holds %d exact duplicate example(s) (%s); each is used once.",
+                       len(repeats), ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else ""))
+    conflicts = [by_label for by_label in labels.values() if len(by_label) > 1]
+    for by_label in conflicts[:5]:
+        logger.warning("trainset examples %s have the same inputs but different labels (%s); all are kept, so no "
+                       "instruction can get them all right and the loss pulls both ways. Fix the labels or drop one.",
+                       ", ".join(f"[{i}]" for i in by_label.values()), ", ".join(repr(k) for k in by_label))
+    return kept
 
 
 def _is_text_type(annotation) -> bool:
@@ -416,18 +498,19 @@ def _is_text_type(annotation) -> bool:
     return typing.get_origin(annotation) is typing.Literal
 
 
-def _recording_failures(program: dspy.Module, failures: list[Exception]):
-    """Wrap ``program`` so exceptions are recorded (``dspy.Evaluate`` keeps only a score of 0)."""
+def _recording_failures(function, failures: list[Exception]):
+    """Wrap a program or metric so exceptions are recorded (``dspy.Evaluate`` keeps only a score of 0)."""
     lock = threading.Lock()
 
-    def run(**inputs):
+    def run(*args, **kwargs):
         try:
-            return program(**inputs)
+            return function(*args, **kwargs)
         except Exception as exc:
             with lock:
                 failures.append(exc)
             raise
 
+    run.__name__ = getattr(function, "__name__", "run")  # dspy.Evaluate names the metric's column by it
     return run
 
 
