@@ -531,6 +531,10 @@ class GreaterSearch:
         seconds["gradient"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        if not math.isfinite(loss) or not torch.isfinite(grad).all():
+            logger.warning("Step %d: the loss (%s) or part of its gradient is not finite; candidates with a "
+                           "non-finite gradient are ranked last.", step, loss)
+            grad = torch.nan_to_num(grad, nan=math.inf, posinf=math.inf, neginf=math.inf)
         ranked = [candidates[i] for i in torch.argsort(grad).tolist() if candidates[i] != current]
         finalists = ranked[: cfg.num_finalists]
         scored = []
@@ -543,7 +547,14 @@ class GreaterSearch:
                 score = self.score_instruction(trial, batch, reuse, prefix)
             scored.append({"token": self.layout.decode([token]), "token_id": token,
                            "gradient": float(grad[candidates.index(token)]), **score})
-        winner = min(scored, key=lambda s: (s["score"], s["answer_loss"]))
+        finite = [s for s in scored if math.isfinite(s["score"]) and math.isfinite(s["answer_loss"])]
+        if not finite:
+            raise FloatingPointError(f"Step {step}: every finalist scored NaN or infinity; the optimizer model's "
+                                     "outputs are not finite (try dtype='float32').")
+        if len(finite) < len(scored):
+            logger.warning("Step %d: skipping finalists with a non-finite score: %s", step,
+                           [s["token"] for s in scored if s not in finite])
+        winner = min(finite, key=lambda s: (s["score"], s["answer_loss"]))
         instruction = [*instruction[:position], winner["token_id"], *instruction[position + 1 :]]
         seconds["select"] = time.perf_counter() - t0
         return dict(
