@@ -33,7 +33,11 @@ RESULTS = HERE / "results"
 GREATERPROMPT_PYTHON = HERE / ".venv-greaterprompt" / "bin" / "python"
 INITIAL_INSTRUCTION = "Let's think step by step."
 HELDOUT = 4  # rows after the optimized ones, for the search's own held-out check (not timed)
-SYSTEMS = ("ours", "ours-bf16", "ours-faithful-cost", "greaterprompt")
+# ours: defaults (a minibatch per step, finalists teacher-forced, current token kept unless beaten);
+# ours-bf16: the same in bfloat16; ours-paper-protocol: every example every step and the token
+# always replaced, as in the paper, with our speed-ups; ours-faithful-cost: the paper's protocol and
+# cost (reasoning regenerated for every finalist, no prefix cache); greaterprompt: the authors' library.
+SYSTEMS = ("ours", "ours-bf16", "ours-paper-protocol", "ours-faithful-cost", "greaterprompt")
 # A longer instruction to cut to 10, 20 and 40 tokens for the scaling runs.
 LONG_INSTRUCTION = (
     "Read the instructions one by one and keep track of your position on a grid with two numbers. "
@@ -89,6 +93,8 @@ def worker_ours(args) -> dict:
                   seed=args.seed)
     if args.system in ("ours", "ours-bf16"):
         config = GreaterConfig(**common, **({"batch_size": None} if args.full_batch else {}))
+    elif args.system == "ours-paper-protocol":
+        config = GreaterConfig(**common, batch_size=None, keep_current=False)
     elif args.system == "ours-faithful-cost":
         config = GreaterConfig.faithful(**common, prefix_cache=False)
     else:
@@ -199,12 +205,13 @@ def common_score(args, prompts: list[str]) -> dict:
         os.unlink(f.name)
 
 
-def side_by_side(args) -> dict:
-    report = {"task": args.task, "examples": args.examples, "steps": args.steps, "seed": args.seed,
+def side_by_side(args, previous: dict | None = None) -> dict:
+    report = previous or {"task": args.task, "examples": args.examples, "steps": args.steps, "seed": args.seed,
               "reasoning_tokens": args.reasoning_tokens, "threads": args.threads, "machine": machine(),
               "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "systems": {}}
-    initial = common_score(args, [INITIAL_INSTRUCTION] * args.examples)
-    report["initial_prompt_score"] = initial
+    if "initial_prompt_score" not in report:
+        report["initial_prompt_score"] = common_score(args, [INITIAL_INSTRUCTION] * args.examples)
+    report.setdefault("commands", []).append(" ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]))
     for system in args.systems:
         print(f"== {system} ...", flush=True)
         data = run_system(args, system)
@@ -295,6 +302,8 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--scaling", action="store_true", help="time per step vs examples and instruction length")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/...)")
+    parser.add_argument("--update", action="store_true",
+                        help="add or replace the given systems in an existing side-by-side JSON with the same settings")
     # Worker-only options.
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--instruction-tokens", type=int, default=None, help=argparse.SUPPRESS)
@@ -308,9 +317,13 @@ def main() -> None:
         pathlib.Path(args.output).write_text(json.dumps(data, indent=1))
         return
     RESULTS.mkdir(exist_ok=True)
-    report = scaling(args) if args.scaling else side_by_side(args)
     default = RESULTS / (f"scaling_{args.task}.json" if args.scaling else f"speed_{args.task}.json")
     path = pathlib.Path(args.output) if args.output else default
+    previous = json.loads(path.read_text()) if args.update and path.exists() else None
+    if previous and [previous[k] for k in ("task", "examples", "steps", "seed", "reasoning_tokens", "threads")] != [
+            args.task, args.examples, args.steps, args.seed, args.reasoning_tokens, args.threads]:
+        raise SystemExit(f"--update: {path} was measured with other settings; run without --update.")
+    report = scaling(args) if args.scaling else side_by_side(args, previous)
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
 
