@@ -294,11 +294,16 @@ class GReaTerTeleprompter(Teleprompter):
         return self
 
     def get_params(self) -> dict:
-        """Hyper-parameters as plain data."""
-        return {"config": dict(vars(self.config)), "model": dict(vars(self.model_spec)),
-                "target_candidates": self.target_candidates, "num_threads": self.num_threads,
-                "extractor": self.extractor if not isinstance(self.extractor, Extractor) else vars(self.extractor),
-                "initial_instruction": self.initial_instruction}
+        """Hyper-parameters as plain JSON data (a fresh dict on every call).
+
+        MLflow's DSPy autolog records this and updates the returned dict with the compile
+        arguments, so it must be a copy. Callables appear as their names; other objects as ``str``.
+        """
+        params = {"metric": self.metric, "config": vars(self.config), "model": vars(self.model_spec),
+                  "target_candidates": self.target_candidates, "num_threads": self.num_threads,
+                  "extractor": vars(self.extractor) if isinstance(self.extractor, Extractor) else self.extractor,
+                  "initial_instruction": self.initial_instruction, "progress": self.progress}
+        return _plain(params)
 
     # -- steps -----------------------------------------------------------------------------------------
 
@@ -490,6 +495,19 @@ def _deduplicated(examples: list, task: PredictorTask) -> list:
                        "instruction can get them all right and the loss pulls both ways. Fix the labels or drop one.",
                        ", ".join(f"[{i}]" for i in by_label.values()), ", ".join(repr(k) for k in by_label))
     return kept
+
+
+def _plain(value):
+    """``value`` as JSON data: containers copied, callables by name, anything else non-scalar as ``str``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if callable(value):
+        return getattr(value, "__name__", None) or type(value).__name__
+    return str(value)
 
 
 def _is_text_type(annotation) -> bool:
