@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 import threading
 import typing
 from dataclasses import dataclass, replace
@@ -52,6 +53,70 @@ class PredictorTask:
 
     def search_example(self, example: dspy.Example) -> SearchExample:
         return SearchExample(self.inputs_text(example), self.extractor.canonical(example[self.output_field]))
+
+
+class _ContextTooLong(ValueError):
+    """An example or the instruction does not fit the optimizer model's context."""
+
+
+@dataclass
+class _Plan:
+    """What one predictor of a multi-predictor program needs (found before any model work)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    output: str
+    instruction: str
+    gold: bool = False  # its output field is a label of every trainset example
+    inputs_given: bool = False  # every trainset example holds all its inputs
+    extractor: Extractor | None = None  # derived from the gold labels
+    skip: str | None = None  # why it cannot be optimized at all
+
+
+class _Run:
+    """One run of the program on one example: its prediction, trace and whether it passed the metric."""
+
+    __slots__ = ("prediction", "trace", "calls", "error", "passed")
+
+    def __init__(self, prediction, trace, calls, error):
+        self.prediction, self.trace, self.calls, self.error, self.passed = prediction, trace, calls, error, False
+
+
+class _Runs:
+    """Runs of the program on a set of examples, turned into labelled examples for one predictor."""
+
+    def __init__(self, runs: list[tuple[dspy.Example, _Run]]):
+        self.runs = runs
+
+    def examples(self, plan: _Plan) -> list[dspy.Example]:
+        """Gold labels: the predictor's inputs in each run (its last call) with the example's label.
+        Otherwise: every call of the predictor in the runs that passed the metric (inputs -> its output)."""
+        found = []
+        for example, run in self.runs:
+            calls = [(inputs, outputs) for name, inputs, outputs in run.calls if name == plan.name]
+            if not calls:
+                continue
+            if plan.gold:
+                pairs = [(calls[-1][0], example[plan.output])]
+            elif run.passed:
+                pairs = [(inputs, getattr(outputs, "get", lambda _: None)(plan.output)) for inputs, outputs in calls]
+            else:
+                continue
+            for inputs, label in pairs:
+                if not isinstance(label, _SCALAR_TYPES) or not str(label).strip():
+                    continue
+                if any(not isinstance(inputs.get(f), _SCALAR_TYPES) for f in plan.inputs):
+                    continue
+                found.append(dspy.Example({f: inputs[f] for f in plan.inputs}, **{plan.output: label})
+                             .with_inputs(*plan.inputs))
+        return found
+
+    def summary(self, plan: _Plan) -> dict:
+        errors = [run.error for _, run in self.runs if run.error]
+        return {"runs": len(self.runs), "passed": sum(run.passed for _, run in self.runs),
+                "reached": sum(any(name == plan.name for name, _, _ in run.calls) for _, run in self.runs),
+                "errors": len(errors), "first_error": errors[0] if errors else None,
+                "examples": len(self.examples(plan))}
 
 
 class GReaTerTeleprompter(Teleprompter):
@@ -140,10 +205,12 @@ class GReaTerTeleprompter(Teleprompter):
         valset: list | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
     ) -> dspy.Module:
-        """Optimize ``student``'s instruction; return an optimized copy (``student`` is untouched).
+        """Optimize ``student``'s instructions; return an optimized copy (``student`` is untouched).
 
         Args:
-            student: A program with one ``dspy.Predict`` or ``dspy.ChainOfThought`` predictor.
+            student: A program with one or more ``dspy.Predict`` / ``dspy.ChainOfThought`` predictors.
+                Several predictors are optimized in turn, in ``named_predictors()`` order (see
+                "Programs with several predictors" below).
             trainset: Labelled ``dspy.Example``s with ``with_inputs`` set. Exact repeats (same inputs,
                 same canonical label) are used once; examples with the same inputs but different
                 labels are all kept; both are logged as warnings. ``valset`` is used as given.
@@ -155,14 +222,43 @@ class GReaTerTeleprompter(Teleprompter):
                 where the last run stopped. Ctrl-C returns the best program so far and keeps it.
 
         Returns:
-            A deep copy of ``student`` with the optimized instruction and a plain-data
-            ``greater_results`` attribute (per predictor: the search result as a dict).
+            A deep copy of ``student`` with the optimized instructions and a plain-data
+            ``greater_results`` attribute: per predictor name, the search result as a dict, or
+            ``{"skipped": True, "reason": ...}`` for a predictor that was left as it was.
+
+        Programs with several predictors: a predictor whose output field is a label of the trainset
+        examples (usually the last) is optimized for those gold labels; any other predictor gets
+        its labels from runs of the (current) program on the target LM whose result passes
+        ``metric``: each call of the predictor in such a run becomes an example (its inputs -> its
+        output). A predictor whose inputs are produced by earlier predictors gets them from such
+        runs too. Without a target LM (``dspy.settings.lm`` or ``program.set_lm``), or when no run
+        passes, that predictor is skipped; tool-using (ReAct-style), ``dspy.History`` and non-text
+        predictors are skipped too. Each predictor's final instruction is chosen on ``valset`` with
+        the whole program's ``metric`` on the target LM (the other predictors at their current
+        instructions) when one is available, else on the optimizer model's held-out score.
         """
+        if isinstance(student, dspy.Module) and len(student.named_predictors()) > 1:
+            return self._compile_several(student, trainset, valset, checkpoint_dir)
         name, predictor, task = self._prepare(student, trainset, valset)
         train, heldout = self._split(_deduplicated(trainset, task), valset, task)
+        select = bool(self.target_candidates and valset and self.metric is not None and _target_lm(predictor)[0] is not None)
+        results, chosen = self._optimize(student, task, train, heldout, valset if select else None, checkpoint_dir,
+                                         [("trainset", list(trainset)), ("valset", list(valset or []))])
+        program = _with_instruction(student, name, chosen)
+        program.greater_results = {name: results}
+        return program
+
+    def _optimize(self, program, task: PredictorTask, train, heldout, selection_valset, checkpoint_dir,
+                  named_sets) -> tuple[dict, str]:
+        """Search one predictor's instruction; with ``selection_valset``, choose among the best on the target LM.
+
+        ``program`` is the program the candidates are scored in (for several predictors: the others
+        at their current instructions). Returns (the result as plain data, the chosen instruction).
+        """
+        name = task.name
         self._seed()
         search = self._search(task)
-        self._check_context(search, task, [("trainset", list(trainset)), ("valset", list(valset or []))])
+        self._check_context(search, task, named_sets)
         initial = self.initial_instruction or task.instruction
         bar = tqdm(total=self.config.num_steps, desc=f"GReaTer [{name}]", disable=not self.progress)
 
@@ -181,15 +277,195 @@ class GReaTerTeleprompter(Teleprompter):
         chosen = result.best_instruction
         if result.stopped_reason == "interrupted":
             logger.warning("Interrupted: returning the best instruction found so far, without target-LM selection.")
-        elif self.target_candidates and valset and self.metric is not None and _target_lm(predictor)[0] is not None:
-            results["target_selection"] = self._select_on_target(student, name, task, result, valset)
+        elif selection_valset:
+            results["target_selection"] = self._select_on_target(program, name, task, result, selection_valset)
             chosen = results["target_selection"]["chosen"]
-        program = _with_instruction(student, name, chosen)
-        program.greater_results = {name: results}
-        logger.info("GReaTer: %r -> %r (held-out accuracy on the optimizer model %.3f -> %.3f)",
+        logger.info("GReaTer [%s]: %r -> %r (held-out accuracy on the optimizer model %.3f -> %.3f)", name,
                     result.initial_instruction, result.best_instruction,
                     result.initial_heldout["accuracy"], result.best_heldout["accuracy"])
+        return results, chosen
+
+    # -- several predictors ------------------------------------------------------------------------------
+
+    def _compile_several(self, student, trainset, valset, checkpoint_dir) -> dspy.Module:
+        predictors = student.named_predictors()
+        names = [n for n, _ in predictors]
+        if self.initial_instruction is not None:
+            raise ValueError(
+                f"initial_instruction sets one predictor's starting instruction, but this program has {len(names)} "
+                f"({', '.join(names)}). Set each predictor's instruction on the program instead "
+                "(predictor.signature = predictor.signature.with_instructions(text)) and leave initial_instruction unset."
+            )
+        _check_examples(trainset, "trainset", (), [])
+        if valset is not None:
+            _check_examples(valset, "valset", (), [])
+        plans = [self._plan(n, p, trainset, valset) for n, p in predictors]  # every input check before any work
+        target_ready = all(_target_lm(p)[0] is not None for _, p in predictors)
+        instructions = {n: p.signature.instructions for n, p in predictors}
+        extractors = {plan.output: plan.extractor for plan in plans if plan.extractor is not None}
+        runs_cache: dict[tuple, dict[str, _Runs]] = {}
+        results: dict[str, dict] = {}
+        stopped = None  # after Ctrl-C, the remaining predictors are left as they are
+        for plan in plans:
+            reason = stopped or plan.skip or self._why_not(plan, target_ready)
+            if reason is None:
+                try:
+                    with dspy.context(adapter=_adapter_with(extractors)):
+                        outcome = self._optimize_in_program(student, plan, instructions, trainset, valset, target_ready,
+                                                            checkpoint_dir, runs_cache)
+                except KeyboardInterrupt:
+                    stopped = outcome = "the compile was interrupted (Ctrl-C) before this predictor was done."
+                if isinstance(outcome, tuple):
+                    entry, chosen, task = outcome
+                    results[plan.name] = entry
+                    instructions[plan.name] = chosen
+                    extractors.setdefault(task.output_field, task.extractor)
+                    if entry.get("stopped_reason") == "interrupted":
+                        stopped = "the compile was interrupted (Ctrl-C) while an earlier predictor was optimized."
+                    continue
+                reason = outcome
+            logger.warning("GReaTer: predictor %r skipped: %s", plan.name, reason)
+            results[plan.name] = {"skipped": True, "reason": reason, "instruction": instructions[plan.name]}
+        program = student.deepcopy()
+        for n, p in program.named_predictors():
+            p.signature = p.signature.with_instructions(instructions[n])
+        program.greater_results = results
+        done = [n for n in names if not results[n].get("skipped")]
+        logger.info("GReaTer: optimized %d of %d predictors (%s)%s.", len(done), len(names), ", ".join(done) or "none",
+                    "" if len(done) == len(names) else
+                    "; skipped: " + ", ".join(n for n in names if results[n].get("skipped")))
         return program
+
+    def _plan(self, name, predictor, trainset, valset) -> _Plan:
+        """What one predictor of a multi-predictor program needs; raises on bad data, skips unsupported predictors."""
+        signature = predictor.signature
+        inputs = tuple(signature.input_fields)
+        outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
+        reason = _unsupported_reason(signature)
+        if reason is None and not outputs:
+            reason = "its signature has no output field to optimize for."
+        if reason is not None:
+            return _Plan(name, inputs, outputs[0] if outputs else "", signature.instructions, skip=reason)
+        _check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
+        output = outputs[0]
+        labelled = [output in e.labels() for e in trainset]
+        inputs_given = all(f in e.inputs() for e in trainset for f in inputs)
+        plan = _Plan(name, inputs, output, signature.instructions, gold=all(labelled), inputs_given=inputs_given)
+        if any(labelled) and not plan.gold:
+            missing = labelled.index(False)
+            raise ValueError(
+                f"trainset[{missing}] has no label {output!r}, but other examples have one. Predictor {name!r} is "
+                f"optimized for the gold {output!r} labels when every example has one, else for the outputs of "
+                "successful program runs; give every example the label or none."
+            )
+        if not plan.gold:
+            return plan
+        given = inputs if inputs_given else ()
+        _check_examples(trainset, "trainset", given, outputs)
+        if valset is not None:
+            _check_examples(valset, "valset", given, outputs)
+        desc = (signature.fields[output].json_schema_extra or {}).get("desc")
+        texts = [format_inputs([f for f in inputs if f in e], e) for e in trainset]
+        extractor = derive_extractor(output, desc, [e[output] for e in trainset], texts, override=self.extractor)
+        _check_label_space(extractor, output, [*trainset, *(valset or [])])
+        plan.extractor = extractor
+        return plan
+
+    def _why_not(self, plan: _Plan, target_ready: bool) -> str | None:
+        """Why ``plan``'s predictor cannot be optimized in this setting (``None``: it can)."""
+        if plan.gold and plan.inputs_given:
+            return None
+        no_target = ("no target LM is configured (dspy.configure(lm=...) or program.set_lm(...) for every "
+                     "predictor)")
+        if not plan.gold:
+            if not target_ready:
+                return (f"its output {plan.output!r} is not a label in trainset, so its labels must come from runs of "
+                        f"the program on the target LM that pass the metric, and {no_target}.")
+            if self.metric is None:
+                return (f"its output {plan.output!r} is not a label in trainset, so its labels must come from runs of "
+                        "the program that pass the metric, and no metric was given.")
+            return None
+        if not target_ready:
+            return (f"its inputs {', '.join(repr(f) for f in plan.inputs)} are not all in the trainset examples (they "
+                    f"come from earlier predictors), so the program must run on the target LM to produce them, and "
+                    f"{no_target}.")
+        return None
+
+    def _optimize_in_program(self, student, plan: _Plan, instructions, trainset, valset, target_ready, checkpoint_dir,
+                             runs_cache):
+        """Optimize one predictor of a multi-predictor program: (entry, chosen instruction, task), or a skip reason."""
+        working = _program_with(student, instructions)
+        entry_extra: dict = {"labels": "gold" if plan.gold else "traces"}
+        if plan.gold and plan.inputs_given:
+            train, heldout_given = list(trainset), list(valset or [])
+            labels = None
+        else:
+            key = tuple(sorted(instructions.items()))
+            if key not in runs_cache:
+                runs_cache[key] = {"trainset": self._run_program(working, trainset)}
+                if valset:
+                    runs_cache[key]["valset"] = self._run_program(working, valset)
+            runs = runs_cache[key]
+            train = runs["trainset"].examples(plan)
+            heldout_given = runs["valset"].examples(plan) if "valset" in runs else []
+            entry_extra["program_runs"] = {what: r.summary(plan) for what, r in runs.items()}
+            if not train:
+                summary = runs["trainset"].summary(plan)
+                why = ("no run of the program passed the metric" if not plan.gold
+                       else "no run of the program reached this predictor")
+                detail = f"{summary['runs']} runs on trainset, {summary['passed']} passed the metric, " \
+                         f"{summary['reached']} reached this predictor, {summary['errors']} raised"
+                if summary["first_error"]:
+                    detail += f" (first error: {summary['first_error']})"
+                return f"{why}, so it has no labelled examples ({detail})."
+            labels = [e[plan.output] for e in train]
+        extractor = plan.extractor
+        if extractor is None:  # labels from the runs: derive the answer format from them
+            signature = dict(student.named_predictors())[plan.name].signature
+            desc = (signature.fields[plan.output].json_schema_extra or {}).get("desc")
+            extractor = derive_extractor(plan.output, desc, labels, [format_inputs(plan.inputs, e) for e in train])
+        task = PredictorTask(plan.name, plan.inputs, plan.output, instructions[plan.name], extractor)
+        train = _deduplicated(train, task)
+        train, heldout = self._split(train, heldout_given or None, task)
+        select = bool(self.target_candidates and valset and self.metric is not None and target_ready)
+        try:
+            entry, chosen = self._optimize(working, task, train, heldout, valset if select else None, checkpoint_dir,
+                                           [(f"{plan.name} train", train), (f"{plan.name} held-out", heldout)])
+        except _ContextTooLong as exc:
+            return str(exc)
+        entry.update(entry_extra, examples={"train": len(train), "heldout": len(heldout)})
+        return entry, chosen, task
+
+    def _run_program(self, program, examples) -> _Runs:
+        """Run ``program`` on ``examples`` on its target LM, recording each run's trace and whether it passed ``metric``."""
+        names = {id(p): n for n, p in program.named_predictors()}
+        metric = self.metric
+
+        def traced(**inputs):
+            with dspy.context(trace=[]):
+                try:
+                    prediction, error = program(**inputs), None
+                except Exception as exc:  # a failing run is data here, not a reason to stop
+                    prediction, error = None, f"{type(exc).__name__}: {exc}"
+                trace = list(dspy.settings.trace)
+            return _Run(prediction, trace, [(names.get(id(p)), dict(i), o) for p, i, o in trace], error)
+
+        def passes(example, run, trace=None):
+            if not isinstance(run, _Run) or run.prediction is None or metric is None:
+                return False
+            try:
+                run.passed = bool(metric(example, run.prediction, run.trace))
+            except Exception as exc:
+                run.error = f"the metric raised {type(exc).__name__}: {exc}"
+                run.passed = False
+            return run.passed
+
+        logger.info("Running the program on %d examples on the target LM to collect traces.", len(examples))
+        evaluate = dspy.Evaluate(devset=list(examples), metric=passes, num_threads=self.num_threads,
+                                 display_progress=self.progress, provide_traceback=False, max_errors=len(examples) + 1)
+        outcome = evaluate(traced)
+        runs = [(example, run) for example, run, _ in outcome.results if isinstance(run, _Run)]
+        return _Runs(runs)
 
     def _select_on_target(self, student, name: str, task: PredictorTask, result: SearchResult, valset) -> dict:
         """Score the best distinct instructions on ``valset`` on the target LM; never loses the search result.
@@ -212,7 +488,8 @@ class GReaTerTeleprompter(Teleprompter):
         if isinstance(adapter, GReaTerAdapter) and task.output_field not in adapter.extractors:
             adapter = copy.copy(adapter)  # score in the search's own answer format
             adapter.extractors = {**adapter.extractors, task.output_field: task.extractor}
-        estimate = len(candidates) * len(valset) * (2 if isinstance(adapter, GReaTerAdapter) else 1)
+        per_call = 2 if isinstance(adapter, GReaTerAdapter) else 1  # GReaTerAdapter: reasoning, then the answer
+        estimate = len(candidates) * len(valset) * per_call * len(student.named_predictors())  # one call per predictor
         model = str(getattr(lm, "model", type(lm).__name__))
         logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): about %d calls.",
                     len(candidates), len(valset), model, source, estimate)
@@ -229,8 +506,7 @@ class GReaTerTeleprompter(Teleprompter):
             failures: list[Exception] = []
             metric_failures.clear()
             candidate = _with_instruction(student, name, text)
-            if source == "predictor.lm":  # the deep copy copied the LM: every candidate uses the one object
-                dict(candidate.named_predictors())[name].lm = lm
+            _share_lms(candidate, student)  # the deep copy copied the LMs: every candidate uses the same objects
             run = _recording_failures(candidate, failures)
             try:
                 with dspy.context(adapter=adapter):
@@ -267,13 +543,15 @@ class GReaTerTeleprompter(Teleprompter):
                 "chosen": chosen, "baseline": baseline, "estimated_calls": estimate, "calls": len(history),
                 "tokens": tokens, "target_lm": source, "target_model": model}
 
-    def optimizer_predictions(self, program: dspy.Module, examples: list) -> tuple[list[str | None], list[str]]:
+    def optimizer_predictions(self, program: dspy.Module, examples: list,
+                              predictor: str | None = None) -> tuple[list[str | None], list[str]]:
         """The optimizer model's answers on ``examples`` under ``program``'s current instruction.
 
         Runs in the search's layout (inputs, instruction, reasoning, extractor). Returns
-        ``(predictions, gold labels)``, both canonical labels.
+        ``(predictions, gold labels)``, both canonical labels. For a program with several
+        predictors, name one (``predictor="..."``); ``examples`` must carry its inputs and labels.
         """
-        _, predictor, task = self._prepare(program, examples, None)
+        _, predictor, task = self._prepare(program, examples, None, predictor)
         search = self._search(task)
         evaluation = search.evaluate(
             search.layout.encode(predictor.signature.instructions), [task.search_example(e) for e in examples]
@@ -307,19 +585,25 @@ class GReaTerTeleprompter(Teleprompter):
 
     # -- steps -----------------------------------------------------------------------------------------
 
-    def _prepare(self, program, trainset, valset):
+    def _prepare(self, program, trainset, valset, predictor_name: str | None = None):
         """Validate everything that can be checked without the model; derive the predictor's task."""
         if not isinstance(program, dspy.Module):
             raise TypeError(f"student must be a dspy.Module (e.g. dspy.ChainOfThought('question -> answer')), "
                             f"got {type(program).__name__}.")
         predictors = program.named_predictors()
-        if len(predictors) != 1:
-            raise NotImplementedError(
-                f"GReaTerTeleprompter optimizes programs with exactly one predictor for now; this program has "
-                f"{len(predictors)} ({', '.join(n for n, _ in predictors) or 'none'}). Optimize each predictor "
-                "as its own program, or wait for multi-predictor support."
-            )
-        name, predictor = predictors[0]
+        if not predictors:
+            raise ValueError(f"The program ({type(program).__name__}) has no predictors to optimize; give it a "
+                             "dspy.Predict or dspy.ChainOfThought.")
+        if predictor_name is not None:
+            if predictor_name not in dict(predictors):
+                raise ValueError(f"The program has no predictor {predictor_name!r}; its predictors: "
+                                 f"{', '.join(n for n, _ in predictors)}.")
+            name, predictor = predictor_name, dict(predictors)[predictor_name]
+        elif len(predictors) != 1:
+            raise ValueError(f"The program has {len(predictors)} predictors ({', '.join(n for n, _ in predictors)}); "
+                             "name the one to use with predictor=...")
+        else:
+            name, predictor = predictors[0]
         signature = predictor.signature
         if self.initial_instruction is None:
             _check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
@@ -345,12 +629,7 @@ class GReaTerTeleprompter(Teleprompter):
         extractor = derive_extractor(output, desc, labels, [task.inputs_text(e) for e in examples],
                                      override=self.extractor)
         task = replace(task, extractor=extractor)
-        for i, e in enumerate([*examples, *(valset or [])]):
-            if not extractor.accepts(e[output]):
-                raise ValueError(
-                    f"Example {i}: label {e[output]!r} for {output!r} is outside the answer space "
-                    f"({', '.join(extractor.choices)}); fix the label or pass extractor=... to set the answer space."
-                )
+        _check_label_space(extractor, output, [*examples, *(valset or [])])
         return name, predictor, task
 
     def _split(self, trainset, valset, task):
@@ -392,7 +671,7 @@ class GReaTerTeleprompter(Teleprompter):
         room += max(len(instruction), self.config.max_instruction_tokens)
         bare = len(search.layout.prompt("", []).ids)
         if bare + room > limit:  # not even empty inputs fit: the instruction or the reasoning budget is too long
-            raise ValueError(
+            raise _ContextTooLong(
                 f"The instruction ({len(instruction)} tokens), reasoning ({self.config.max_reasoning_tokens}) and answer "
                 f"alone need {bare + room} tokens, more than the optimizer model's context of {limit}. Shorten the "
                 "instruction, lower max_reasoning_tokens, or use a model with a longer context."
@@ -403,7 +682,7 @@ class GReaTerTeleprompter(Teleprompter):
         if too_long:
             longest, where = max(too_long)
             others = f" ({len(too_long) - 1} more examples are too long too)" if len(too_long) > 1 else ""
-            raise ValueError(
+            raise _ContextTooLong(
                 f"{where} is too long for the optimizer model: its inputs take {longest} tokens, and with the "
                 f"instruction ({len(instruction)}), reasoning ({self.config.max_reasoning_tokens}) and answer it needs "
                 f"{longest + room} tokens, more than the optimizer model's context of {limit}{others}. Shorten its "
@@ -439,7 +718,8 @@ def _check_examples(examples, what: str, inputs: tuple[str, ...], outputs: list[
             raise TypeError(f"{what}[{i}] is a {type(example).__name__}, not a dspy.Example.")
         if example._input_keys is None:
             raise ValueError(
-                f"{what}[{i}] has no input fields marked; call .with_inputs({', '.join(repr(k) for k in inputs)}) on it."
+                f"{what}[{i}] has no input fields marked; call .with_inputs("
+                f"{', '.join(repr(k) for k in inputs) or 'the names of its input fields'}) on it."
             )
         for key in [*inputs, *outputs]:
             role = "input" if key in inputs else "label"
@@ -495,6 +775,75 @@ def _deduplicated(examples: list, task: PredictorTask) -> list:
                        "instruction can get them all right and the loss pulls both ways. Fix the labels or drop one.",
                        ", ".join(f"[{i}]" for i in by_label.values()), ", ".join(repr(k) for k in by_label))
     return kept
+
+
+_TOOL_LINE = re.compile(r"^\(\d+\) [^\n]*?(?:, whose description is|\. It takes arguments)", re.MULTILINE)
+
+
+def _mentions(annotation, classes: tuple) -> bool:
+    """Whether a type annotation is, or is built from, one of ``classes`` (``list[dspy.Tool]``, ``History | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, classes):
+        return True
+    return any(_mentions(arg, classes) for arg in typing.get_args(annotation))
+
+
+def _unsupported_reason(signature) -> str | None:
+    """Why GReaTer cannot optimize a predictor with this signature (``None``: it can)."""
+    kept = " Its instruction is kept as it is."
+    if "trajectory" in signature.input_fields or _TOOL_LINE.search(signature.instructions or ""):
+        what = "a `trajectory` input" if "trajectory" in signature.input_fields else "an instruction listing tools"
+        return (f"it is a tool-using (ReAct-style) predictor ({what}); GReaTer optimizes a predictor that answers "
+                f"in one call, not a trajectory of tool calls.{kept}")
+    for name, info in signature.fields.items():
+        if _mentions(info.annotation, (dspy.Tool, dspy.ToolCalls)):
+            return f"its field {name!r} holds tools ({info.annotation!r}); GReaTer handles text fields only.{kept}"
+        if _mentions(info.annotation, (dspy.History,)):
+            return (f"its field {name!r} is a dspy.History (conversation turns); GReaTer handles text fields only."
+                    f"{kept}")
+    for name in [*signature.input_fields, *(k for k in signature.output_fields if k not in REASONING_FIELDS)]:
+        annotation = signature.fields[name].annotation
+        if not _is_text_type(annotation):
+            return (f"its field {name!r} has type {annotation!r}; GReaTer handles text fields only (str, int, float, "
+                    f"bool or Literal).{kept}")
+    return None
+
+
+def _check_label_space(extractor: Extractor, output: str, examples) -> None:
+    for i, e in enumerate(examples):
+        if not extractor.accepts(e[output]):
+            raise ValueError(
+                f"Example {i}: label {e[output]!r} for {output!r} is outside the answer space "
+                f"({', '.join(extractor.choices)}); fix the label or pass extractor=... to set the answer space."
+            )
+
+
+def _adapter_with(extractors: dict[str, Extractor]):
+    """The configured adapter; a ``GReaTerAdapter`` also gets ``extractors`` for fields it has none for."""
+    adapter = dspy.settings.adapter
+    if isinstance(adapter, GReaTerAdapter):
+        missing = {k: v for k, v in extractors.items() if k not in adapter.extractors}
+        if missing:
+            adapter = copy.copy(adapter)
+            adapter.extractors = {**missing, **adapter.extractors}
+    return adapter
+
+
+def _share_lms(program: dspy.Module, original: dspy.Module) -> None:
+    """Point ``program``'s predictors (a deep copy of ``original``) back at ``original``'s own LM objects."""
+    originals = dict(original.named_predictors())
+    for name, predictor in program.named_predictors():
+        lm = getattr(originals.get(name), "lm", None)
+        if lm is not None:
+            predictor.lm = lm
+
+
+def _program_with(student: dspy.Module, instructions: dict[str, str]) -> dspy.Module:
+    """A working copy of ``student`` with ``instructions``, running on ``student``'s own LM objects."""
+    program = student.deepcopy()
+    for name, predictor in program.named_predictors():
+        predictor.signature = predictor.signature.with_instructions(instructions[name])
+    _share_lms(program, student)
+    return program
 
 
 def _plain(value):

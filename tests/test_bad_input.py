@@ -117,15 +117,80 @@ def test_empty_initial_instruction():
         GReaTerTeleprompter(metric=exact_match, initial_instruction="   ")
 
 
-def test_several_predictors_not_yet(tp):
-    class TwoSteps(dspy.Module):
+class TwoSteps(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.draft = dspy.Predict("question -> draft")
+        self.answer = dspy.Predict("question, draft -> answer")
+
+    def forward(self, question):
+        return self.answer(question=question, draft=self.draft(question=question).draft)
+
+
+def test_several_predictors_without_target_lm_are_skipped(tp):
+    """Without a target LM, neither predictor can get labelled examples: both are skipped, nothing loads."""
+    student = TwoSteps()
+    optimized = tp.compile(student, trainset=[_example(), _example(answer="Yes")])
+    results = optimized.greater_results
+    assert list(results) == ["draft", "answer"]
+    assert results["draft"]["skipped"] and "'draft' is not a label in trainset" in results["draft"]["reason"]
+    assert "no target LM is configured" in results["draft"]["reason"]
+    assert results["answer"]["skipped"] and "'draft' are not all in the trainset examples" in results["answer"]["reason"]
+    assert "no target LM is configured" in results["answer"]["reason"]
+    assert optimized.answer.signature.instructions == student.answer.signature.instructions
+    assert optimized is not student and not hasattr(student, "greater_results")
+
+
+def test_several_predictors_need_all_labels_or_none(tp):
+    with pytest.raises(ValueError, match=r"trainset\[1\] has no label 'answer', but other examples have one"):
+        tp.compile(TwoSteps(), trainset=[_example(), dspy.Example(question="Is it?").with_inputs("question")])
+
+
+def test_several_predictors_refuse_one_initial_instruction(no_model):
+    tp = GReaTerTeleprompter(metric=exact_match, initial_instruction="Think.", progress=False)
+    with pytest.raises(ValueError, match="initial_instruction sets one predictor's.*has 2 \\(draft, answer\\)"):
+        tp.compile(TwoSteps(), trainset=[_example()])
+
+
+def test_tool_history_and_non_text_predictors_are_skipped_in_a_program(tp):
+    """ReAct's predictors, a dspy.History input and a list output are skipped with the reason; nothing loads."""
+
+    def lookup(city: str) -> str:
+        """Weather in a city."""
+        return "sunny"
+
+    class Chat(dspy.Signature):
+        """Answer in the conversation."""
+
+        question: str = dspy.InputField()
+        history: dspy.History = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    class Agent(dspy.Module):
         def __init__(self):
             super().__init__()
-            self.draft = dspy.Predict("question -> draft")
-            self.answer = dspy.Predict("question, draft -> answer")
+            self.agent = dspy.ReAct("question -> answer", tools=[lookup])
+            self.chat = dspy.Predict(Chat)
+            self.items = dspy.Predict("question -> items: list[str]")
 
-    with pytest.raises(NotImplementedError, match="exactly one predictor.*has 2"):
-        tp.compile(TwoSteps(), trainset=[_example()])
+    optimized = tp.compile(Agent(), trainset=[_example(), _example(answer="Yes")])
+    results = optimized.greater_results
+    assert list(results) == ["agent.react", "agent.extract.predict", "chat", "items"]
+    assert all(r["skipped"] for r in results.values())
+    assert "tool-using (ReAct-style)" in results["agent.react"]["reason"]
+    assert "tool-using (ReAct-style) predictor (a `trajectory` input)" in results["agent.extract.predict"]["reason"]
+    assert "'history' is a dspy.History" in results["chat"]["reason"]
+    assert "'items' has type list[str]" in results["items"]["reason"]
+
+
+def test_single_history_predictor_still_raises(tp):
+    class Chat(dspy.Signature):
+        question: str = dspy.InputField()
+        history: dspy.History = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    with pytest.raises(TypeError, match="Field 'history' has type .*text fields only"):
+        tp.compile(dspy.Predict(Chat), trainset=[_example()])
 
 
 def test_instruction_too_long_for_context(optimizer, monkeypatch):
