@@ -398,7 +398,6 @@ class GReaTerTeleprompter(Teleprompter):
         entry_extra: dict = {"labels": "gold" if plan.gold else "traces"}
         if plan.gold and plan.inputs_given:
             train, heldout_given = list(trainset), list(valset or [])
-            labels = None
         else:
             key = tuple(sorted(instructions.items()))
             if key not in runs_cache:
@@ -418,12 +417,13 @@ class GReaTerTeleprompter(Teleprompter):
                 if summary["first_error"]:
                     detail += f" (first error: {summary['first_error']})"
                 return f"{why}, so it has no labelled examples ({detail})."
-            labels = [e[plan.output] for e in train]
         extractor = plan.extractor
         if extractor is None:  # labels from the runs: derive the answer format from them
             signature = dict(student.named_predictors())[plan.name].signature
             desc = (signature.fields[plan.output].json_schema_extra or {}).get("desc")
-            extractor = derive_extractor(plan.output, desc, labels, [format_inputs(plan.inputs, e) for e in train])
+            seen = [*train, *heldout_given]
+            extractor = derive_extractor(plan.output, desc, [e[plan.output] for e in seen],
+                                         [format_inputs(plan.inputs, e) for e in seen])
         task = PredictorTask(plan.name, plan.inputs, plan.output, instructions[plan.name], extractor)
         train = _deduplicated(train, task)
         train, heldout = self._split(train, heldout_given or None, task)
@@ -454,7 +454,8 @@ class GReaTerTeleprompter(Teleprompter):
             if not isinstance(run, _Run) or run.prediction is None or metric is None:
                 return False
             try:
-                run.passed = bool(metric(example, run.prediction, run.trace))
+                score = metric(example, run.prediction, run.trace)
+                run.passed = bool(getattr(score, "score", score))  # a dspy.Prediction(score=..., feedback=...) too
             except Exception as exc:
                 run.error = f"the metric raised {type(exc).__name__}: {exc}"
                 run.passed = False
