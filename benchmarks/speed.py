@@ -119,6 +119,7 @@ def worker_ours(args) -> dict:
         "steps": steps,
         "run_seconds": round(time.perf_counter() - started, 2),
         "final_prompts": [result.final_instruction] * len(examples),
+        "reasoning_tokens_generated": sum(len(r) for r in search._reasoning.values()),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -258,7 +259,10 @@ def scaling(args) -> dict:
                             "--reasoning-tokens", str(args.reasoning_tokens), "--instruction-tokens", str(tokens),
                             "--full-batch"])
         seconds = [s["seconds"] for s in data["steps"]]
+        phases = {k: sum(s["breakdown"].get(k, 0.0) for s in data["steps"]) / len(seconds)
+                  for k in data["steps"][0]["breakdown"]}
         points.append({"examples": n, "instruction_tokens": data["instruction_tokens"], "step_seconds": seconds,
+                       "mean_phase_seconds": phases, "reasoning_tokens_generated": data["reasoning_tokens_generated"],
                        "mean_step_seconds": sum(seconds) / len(seconds), "peak_rss_mb": data["peak_rss_mb"],
                        "load_average_before": load_before, "load_average_after": load_average()})
         print(f"   {points[-1]['mean_step_seconds']:.2f} s/step", flush=True)
@@ -278,13 +282,17 @@ def plot_scaling(report: dict, path: pathlib.Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     by_examples = [p for p in report["points"] if p["instruction_tokens"] <= 10]
     by_length = [p for p in report["points"] if p["examples"] == 8]
-    left.plot([p["examples"] for p in by_examples], [p["mean_step_seconds"] for p in by_examples], "o-")
-    left.set(xlabel="examples per step", ylabel="seconds per step", title="10-token instruction")
-    right.plot([p["instruction_tokens"] for p in by_length], [p["mean_step_seconds"] for p in by_length], "o-")
-    right.set(xlabel="instruction tokens", ylabel="seconds per step", title="8 examples")
-    for ax in (left, right):
+    for ax, points, x, title in ((left, by_examples, "examples", "10-token instruction"),
+                                 (right, by_length, "instruction_tokens", "8 examples")):
+        xs = [p[x] for p in points]
+        ax.plot(xs, [p["mean_step_seconds"] for p in points], "o-", label="whole step")
+        ax.plot(xs, [p["mean_step_seconds"] - p["mean_phase_seconds"].get("generate", 0.0) for p in points], "s--",
+                label="without generation (its length varies with the reasoning)")
+        ax.set(xlabel=x.replace("_", " ") + (" per step" if x == "examples" else ""), ylabel="seconds per step",
+               title=title)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(f"dspy_greater step time, SmolLM2-135M, {report['task']}, {report['reasoning_tokens']} reasoning "
                  f"tokens, CPU {report['threads']} threads")
     fig.tight_layout()
