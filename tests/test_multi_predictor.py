@@ -124,3 +124,20 @@ def test_predictor_with_gold_inputs_and_labels_needs_no_target(teleprompter, dat
     assert chat["skipped"] and "dspy.History" in chat["reason"]
     assert answer["labels"] == "gold" and "program_runs" not in answer and "target_selection" not in answer
     assert optimized.answer.predict.signature.instructions == answer["best_instruction"]
+
+
+def test_ctrl_c_while_the_program_runs_returns_a_program(data, monkeypatch):
+    """Ctrl-C during the runs that collect labels: nothing is lost, every later predictor is left as it is."""
+
+    def interrupted(self, program, examples):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GReaTerTeleprompter, "_run_program", interrupted)
+    train, _ = data
+    tp = GReaTerTeleprompter(metric=exact_match, progress=False)
+    with dspy.context(lm=_target(train, wrong=set())):
+        optimized = tp.compile(PlanThenAnswer(), trainset=train)
+    results = optimized.greater_results
+    assert [r["skipped"] for r in results.values()] == [True, True]
+    assert all("interrupted (Ctrl-C)" in r["reason"] for r in results.values())
+    assert tp._lm is None  # the optimizer model was never needed
