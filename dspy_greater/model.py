@@ -225,10 +225,13 @@ class OptimizerLM:
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        stop_strings: list[str] | None = None,
     ) -> list[list[int]]:
         """Continue each prompt; returns the new tokens up to (not including) the first stop token.
 
-        ``temperature == 0`` is greedy decoding.
+        ``temperature == 0`` is greedy decoding. With ``stop_strings``, a row also stops once its
+        text contains one of them; its tokens then end with the token that completed the first
+        one (the caller cuts the text).
         """
         results: list[list[int]] = []
         for chunk in self._chunks(prompts):
@@ -246,12 +249,23 @@ class OptimizerLM:
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.stop_ids) or None,
+                **({"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}),
                 **sampling,
             )
             for row in out[:, width:].tolist():
                 cut = next((i for i, tok in enumerate(row) if tok in self.stop_ids), len(row))
-                results.append(row[:cut])
+                results.append(self._cut_at_stop_string(row[:cut], stop_strings) if stop_strings else row[:cut])
         return results
+
+    def _cut_at_stop_string(self, row: list[int], stop_strings: list[str]) -> list[int]:
+        """``row`` up to and including the token that completes its first stop string (all of it if none)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        if not any(s in decode(row) for s in stop_strings):
+            return row
+        end = len(row)
+        while end > 1 and any(s in decode(row[: end - 1]) for s in stop_strings):
+            end -= 1
+        return row[:end]
 
     # -- losses ----------------------------------------------------------------------------------
 

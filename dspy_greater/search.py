@@ -231,9 +231,9 @@ class GreaterSearch:
     def __init__(self, lm: OptimizerLM, layout: GreaterLayout, extractor: Extractor, config: GreaterConfig):
         self.lm = lm
         self.layout = layout
-        self.extractor = extractor
+        self.extractor = layout.search_extractor(extractor)  # the layout may write its own (ChatAdapter's marker)
         self.config = config
-        self.extractor_ids = layout.encode(extractor.text)
+        self.extractor_ids = layout.encode(self.extractor.text)
         self._answer_ids: dict[str, list[int]] = {}
         self._reasoning: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         self._allowed = lm.allowed_token_mask(config.allowed_tokens)
@@ -247,15 +247,19 @@ class GreaterSearch:
 
     def reasoning(self, instruction: list[int], examples: list[SearchExample]) -> list[list[int]]:
         """The optimizer model's reasoning for each example under ``instruction`` (cached)."""
+        if not self.layout.reasons:  # the layout answers right away (a ChatAdapter reply without reasoning)
+            return [[] for _ in examples]
         key = tuple(instruction)
         missing = [ex for ex in dict.fromkeys(examples) if (ex.inputs_text, key) not in self._reasoning]
         if missing:
             prompts = [self.layout.prompt(ex.inputs_text, instruction).ids for ex in missing]
+            stops = {"stop_strings": list(self.layout.stop_strings)} if self.layout.stop_strings else {}
             outputs = self.lm.generate(
-                prompts, max_new_tokens=self.config.max_reasoning_tokens, temperature=self.config.reasoning_temperature
+                prompts, max_new_tokens=self.config.max_reasoning_tokens, temperature=self.config.reasoning_temperature,
+                **stops,
             )
             for ex, out in zip(missing, outputs):
-                self._reasoning[(ex.inputs_text, key)] = out
+                self._reasoning[(ex.inputs_text, key)] = self.layout.finish_reasoning(out)
         return [self._reasoning[(ex.inputs_text, key)] for ex in examples]
 
     def sequences(self, instruction: list[int], examples: list[SearchExample], reasoning: list[list[int]]) -> list[Sequence]:
@@ -281,14 +285,15 @@ class GreaterSearch:
 
         Args:
             prefix: The examples' cached prefixes up to ``position`` (their next-token
-                distributions are the proposals'); computed here when not given.
+                distributions are the proposals' when the layout proposes from the scoring prefix);
+                otherwise the layout's ``proposal_context`` is run here.
 
         Returns candidates ordered by summed log-probability over the examples (most likely first).
         """
-        if prefix is not None:
+        if prefix is not None and self.layout.proposals_share_prefix:
             logprobs = prefix.next_logprobs
         else:
-            contexts = [self.layout.frame(ex.inputs_text)[0] + instruction[:position] for ex in examples]
+            contexts = [self.layout.proposal_context(ex.inputs_text, instruction[:position]) for ex in examples]
             logprobs = self.lm.next_token_logprobs(contexts)
         allowed = self._allowed.clone()
         if position > 0:
@@ -380,7 +385,7 @@ class GreaterSearch:
             state = self._restore(saved, rng)
             logger.info("Resuming the GReaTer search from %s after step %d.", checkpoint, state.next_step)
         else:
-            instruction = self.layout.encode(initial_instruction)
+            instruction = self.layout.encode_instruction(initial_instruction)
             if not instruction:
                 raise ValueError("The initial instruction is empty; give at least one word.")
             state = _RunState(instruction=instruction, initial=instruction,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs
 from dspy_greater.extractor import Extractor, derive_extractor
-from dspy_greater.layout import GreaterLayout
+from dspy_greater.layout import LAYOUTS, ChatAdapterLayout, GreaterLayout, make_layout
 from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
 from dspy_greater.model import OptimizerLM
 from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample, SearchResult
@@ -46,13 +46,20 @@ class PredictorTask:
     output_field: str
     instruction: str
     extractor: Extractor
+    signature: typing.Any = None  # the predictor's signature (the chat_adapter layout formats it)
 
     def inputs_text(self, example: dspy.Example) -> str:
         """The example's inputs as one text, as :class:`GReaTerAdapter` formats them."""
         return format_inputs(self.input_fields, example)
 
-    def search_example(self, example: dspy.Example) -> SearchExample:
-        return SearchExample(self.inputs_text(example), self.extractor.canonical(example[self.output_field]))
+    def search_inputs(self, example: dspy.Example, layout=None) -> str:
+        """The inputs text the search uses in ``layout``: ChatAdapter's user message in the chat_adapter layout."""
+        if isinstance(layout, ChatAdapterLayout):
+            return layout.inputs_text({f: example[f] for f in self.input_fields})
+        return self.inputs_text(example)
+
+    def search_example(self, example: dspy.Example, layout=None) -> SearchExample:
+        return SearchExample(self.search_inputs(example, layout), self.extractor.canonical(example[self.output_field]))
 
 
 class _ContextTooLong(ValueError):
@@ -142,6 +149,15 @@ class GReaTerTeleprompter(Teleprompter):
             ``dspy.settings.lm``; with neither, or without ``valset``, nothing is scored. 0 skips
             this and trusts the optimizer model's held-out score.
         num_threads: Threads for ``dspy.Evaluate`` on the target LM.
+        layout: Where the instruction sits in the sequences the optimizer model sees. ``"greater"``:
+            the paper's layout (inputs, instruction; reasoning, extractor, answer), which
+            ``GReaTerAdapter`` replays on a target. ``"chat_adapter"``: exactly what DSPy's
+            ``ChatAdapter`` sends (system message ending with the instruction, the inputs in
+            ``[[ ## field ## ]]`` sections, reply ``[[ ## reasoning ## ]]`` ... ``[[ ## answer ## ]]``
+            label), for programs that run with ChatAdapter on strong targets. ``"auto"`` (default)
+            follows ``dspy.settings.adapter`` at compile time: a ChatAdapter (or JSONAdapter /
+            XMLAdapter, whose prompt is ChatAdapter's) -> ``"chat_adapter"``; ``GReaTerAdapter``,
+            another adapter or none -> ``"greater"``.
         **config_overrides: Any :class:`GreaterConfig` field, e.g. ``num_steps=20``.
     """
 
@@ -161,9 +177,15 @@ class GReaTerTeleprompter(Teleprompter):
         progress: bool = True,
         target_candidates: int = 4,
         num_threads: int = 4,
+        layout: str = "auto",
         **config_overrides,
     ):
         super().__init__()
+        if not isinstance(layout, str) or layout not in LAYOUTS:
+            close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"layout must be one of {', '.join(repr(x) for x in LAYOUTS)}, got {layout!r}.{hint}")
+        self.layout = layout
         if metric is not None and not callable(metric):
             raise TypeError(
                 f"metric must be callable as metric(example, prediction, trace=None), got {type(metric).__name__}; "
@@ -269,11 +291,14 @@ class GReaTerTeleprompter(Teleprompter):
 
         try:
             checkpoint = pathlib.Path(checkpoint_dir) / f"{_safe_name(name)}.json" if checkpoint_dir is not None else None
-            result = search.run(initial, [task.search_example(e) for e in train],
-                                [task.search_example(e) for e in heldout], progress=on_step, checkpoint=checkpoint)
+            result = search.run(initial, [task.search_example(e, search.layout) for e in train],
+                                [task.search_example(e, search.layout) for e in heldout], progress=on_step,
+                                checkpoint=checkpoint)
         finally:
             bar.close()
         results = _result_dict(result, task)
+        results["extractor"]["text"] = search.extractor.text  # the layout's own (ChatAdapter's answer marker)
+        results["layout"] = dict(getattr(search, "layout_info", None) or {"name": search.layout.name})
         chosen = result.best_instruction
         if result.stopped_reason == "interrupted":
             logger.warning("Interrupted: returning the best instruction found so far, without target-LM selection.")
@@ -424,7 +449,8 @@ class GReaTerTeleprompter(Teleprompter):
             seen = [*train, *heldout_given]
             extractor = derive_extractor(plan.output, desc, [e[plan.output] for e in seen],
                                          [format_inputs(plan.inputs, e) for e in seen])
-        task = PredictorTask(plan.name, plan.inputs, plan.output, instructions[plan.name], extractor)
+        task = PredictorTask(plan.name, plan.inputs, plan.output, instructions[plan.name], extractor,
+                             dict(student.named_predictors())[plan.name].signature)
         train = _deduplicated(train, task)
         train, heldout = self._split(train, heldout_given or None, task)
         select = bool(self.target_candidates and valset and self.metric is not None and target_ready)
@@ -555,7 +581,8 @@ class GReaTerTeleprompter(Teleprompter):
         _, predictor, task = self._prepare(program, examples, None, predictor)
         search = self._search(task)
         evaluation = search.evaluate(
-            search.layout.encode(predictor.signature.instructions), [task.search_example(e) for e in examples]
+            search.layout.encode_instruction(predictor.signature.instructions),
+            [task.search_example(e, search.layout) for e in examples],
         )
         return evaluation.predictions, evaluation.labels
 
@@ -581,7 +608,7 @@ class GReaTerTeleprompter(Teleprompter):
         params = {"metric": self.metric, "config": vars(self.config), "model": vars(self.model_spec),
                   "target_candidates": self.target_candidates, "num_threads": self.num_threads,
                   "extractor": vars(self.extractor) if isinstance(self.extractor, Extractor) else self.extractor,
-                  "initial_instruction": self.initial_instruction, "progress": self.progress}
+                  "initial_instruction": self.initial_instruction, "progress": self.progress, "layout": self.layout}
         return _plain(params)
 
     # -- steps -----------------------------------------------------------------------------------------
@@ -626,7 +653,7 @@ class GReaTerTeleprompter(Teleprompter):
         labels = [e[output] for e in examples]
         field_info = signature.fields[output]
         desc = (field_info.json_schema_extra or {}).get("desc")
-        task = PredictorTask(name, inputs, output, signature.instructions, None)  # type: ignore[arg-type]
+        task = PredictorTask(name, inputs, output, signature.instructions, None, signature)  # type: ignore[arg-type]
         extractor = derive_extractor(output, desc, labels, [task.inputs_text(e) for e in examples],
                                      override=self.extractor)
         task = replace(task, extractor=extractor)
@@ -657,7 +684,41 @@ class GReaTerTeleprompter(Teleprompter):
 
     def _search(self, task: PredictorTask) -> GreaterSearch:
         lm = self._optimizer_lm()
-        return GreaterSearch(lm, GreaterLayout(lm.tokenizer), task.extractor, self.config)
+        layout, info = self._layout(task, lm.tokenizer)
+        search = GreaterSearch(lm, layout, task.extractor, self.config)
+        search.layout_info = info
+        return search
+
+    def _layout(self, task: PredictorTask, tokenizer) -> tuple[GreaterLayout, dict]:
+        """The layout to search in, from ``layout=`` and the adapter the program will run with.
+
+        ``"auto"``: ``dspy.settings.adapter`` decides. A ``ChatAdapter`` -> the chat_adapter layout
+        with that adapter; a ``JSONAdapter``/``XMLAdapter`` (their replies are not field markers) ->
+        the chat_adapter layout with a plain ``ChatAdapter``, the nearest one (same system message
+        with the instruction at its end, same input sections); ``GReaTerAdapter``, another adapter,
+        or none -> the paper's layout (none: this package's default pipeline, and what
+        ``GReaTerAdapter`` replays on small targets; set ``layout="chat_adapter"`` for a program
+        that will run with DSPy's default ``ChatAdapter``).
+        """
+        adapter = dspy.settings.adapter
+        configured = type(adapter).__name__ if adapter is not None else None
+        if self.layout == "greater" or (self.layout == "auto" and not isinstance(adapter, dspy.ChatAdapter)):
+            why = ("layout='greater'" if self.layout == "greater" else
+                   "auto: no adapter configured" if adapter is None else f"auto: the configured adapter is {configured}")
+            return GreaterLayout(tokenizer), {"name": "greater", "adapter": configured, "reason": why}
+        why = "layout='chat_adapter'" if self.layout == "chat_adapter" else f"auto: the configured adapter is {configured}"
+        chat = adapter if isinstance(adapter, dspy.ChatAdapter) else None
+        try:
+            layout = make_layout("chat_adapter", tokenizer, signature=task.signature, output_field=task.output_field,
+                                 adapter=chat)
+        except TypeError:  # JSONAdapter, XMLAdapter: the prompt side matches ChatAdapter's, the reply does not
+            layout = make_layout("chat_adapter", tokenizer, signature=task.signature, output_field=task.output_field)
+            why += f" (its replies are not [[ ## field ## ]] sections, so ChatAdapter's are modelled)"
+        if self.extractor is not None:
+            logger.warning("The chat_adapter layout scores the label right after ChatAdapter's answer marker %r; "
+                           "the extractor option is not used in it.", layout.extractor_text)
+        logger.info("GReaTer [%s]: searching in the chat_adapter layout (%s).", task.name, why)
+        return layout, {"name": "chat_adapter", "adapter": type(layout.adapter).__name__, "reason": why}
 
     def _check_context(self, search: GreaterSearch, task: PredictorTask, named_sets) -> None:
         """Fail before any step when an example's sequence cannot fit the model's context.
@@ -667,7 +728,7 @@ class GReaTerTeleprompter(Teleprompter):
         limit = getattr(search.lm.model.config, "max_position_embeddings", None)
         if not limit:
             return
-        instruction = search.layout.encode(self.initial_instruction or task.instruction)
+        instruction = search.layout.encode_instruction(self.initial_instruction or task.instruction)
         room = self.config.max_reasoning_tokens + len(search.extractor_ids) + 16
         room += max(len(instruction), self.config.max_instruction_tokens)
         bare = len(search.layout.prompt("", []).ids)
@@ -677,7 +738,7 @@ class GReaTerTeleprompter(Teleprompter):
                 f"alone need {bare + room} tokens, more than the optimizer model's context of {limit}. Shorten the "
                 "instruction, lower max_reasoning_tokens, or use a model with a longer context."
             )
-        lengths = [(len(search.layout.prompt(task.inputs_text(e), []).ids), f"{what}[{i}]")
+        lengths = [(len(search.layout.prompt(task.search_inputs(e, search.layout), []).ids), f"{what}[{i}]")
                    for what, examples in named_sets for i, e in enumerate(examples)]
         too_long = [(n, where) for n, where in lengths if n + room > limit]
         if too_long:
