@@ -118,3 +118,24 @@ def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
         if not _same(normalize_answer(labels[key]), normalize_answer(got)):
             return False
     return True
+
+
+def evaluate_program(program: Any, examples: Sequence[Any], *, adapter: Any = None, threads: int = 1,
+                     field: str = "answer") -> dict:
+    """Run ``program`` on ``examples`` on its own LM and :func:`summarize` its ``field`` answers.
+
+    An answer the adapter cannot parse counts as wrong (``None``); ``"unparsed"`` counts them.
+    ``adapter`` (e.g. :class:`~dspy_greater.adapter.GReaTerAdapter`) applies for this call only.
+    """
+    import contextlib
+
+    import dspy
+
+    context = dspy.context(adapter=adapter) if adapter is not None else contextlib.nullcontext()
+    with context:
+        result = dspy.Evaluate(devset=list(examples), metric=exact_match, num_threads=threads, display_progress=False,
+                               provide_traceback=False, max_errors=len(examples) + 1)(program)
+    answers = [prediction.get(field) if prediction is not None else None for _, prediction, _ in result.results]
+    row = summarize([e[field] for e in examples], answers)
+    row["unparsed"] = sum(a is None for a in answers)
+    return row

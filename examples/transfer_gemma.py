@@ -40,18 +40,7 @@ import dspy  # noqa: E402
 from dspy_greater import GReaTerTeleprompter  # noqa: E402
 from dspy_greater.adapter import GReaTerAdapter  # noqa: E402
 from dspy_greater.data import load_examples, split_examples  # noqa: E402
-from dspy_greater.metrics import exact_match, summarize  # noqa: E402
-
-
-def evaluate_on_target(program, examples, adapter, threads: int) -> dict:
-    """Answers of ``program`` (running on its own LM) on ``examples``; unparseable answers count as wrong."""
-    with dspy.context(adapter=adapter):
-        result = dspy.Evaluate(devset=examples, metric=exact_match, num_threads=threads, display_progress=False,
-                               provide_traceback=False, max_errors=len(examples) + 1)(program)
-    answers = [prediction.get("answer") if prediction is not None else None for _, prediction, _ in result.results]
-    row = summarize([e.answer for e in examples], answers)
-    row["unparsed"] = sum(a is None for a in answers)
-    return row
+from dspy_greater.metrics import evaluate_program, exact_match, summarize  # noqa: E402
 
 
 def main() -> None:
@@ -123,8 +112,8 @@ def main() -> None:
         adapter = adapter_for(optimized)  # the search's answer extractor, for both rows
 
         t0 = time.perf_counter()
-        rows = {"before": evaluate_on_target(program, test, adapter, args.threads),
-                "after": evaluate_on_target(optimized, test, adapter, args.threads)}
+        rows = {"before": evaluate_program(program, test, adapter=adapter, threads=args.threads),
+                "after": evaluate_program(optimized, test, adapter=adapter, threads=args.threads)}
         target_seconds = time.perf_counter() - t0
         calls, tokens = len(target.history), sum(int((e.get("usage") or {}).get("total_tokens") or 0)
                                                  for e in target.history)

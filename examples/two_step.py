@@ -37,7 +37,7 @@ import dspy  # noqa: E402
 from dspy_greater import GReaTerTeleprompter  # noqa: E402
 from dspy_greater.adapter import GReaTerAdapter  # noqa: E402
 from dspy_greater.data import load_examples, split_examples  # noqa: E402
-from dspy_greater.metrics import exact_match, summarize  # noqa: E402
+from dspy_greater.metrics import evaluate_program, exact_match  # noqa: E402
 from dspy_greater.server import LlamaCppServer  # noqa: E402
 
 
@@ -52,17 +52,6 @@ class PlanThenAnswer(dspy.Module):
     def forward(self, question):
         plan = self.plan(question=question).plan
         return self.solve(question=question, plan=plan)
-
-
-def evaluate(program, examples, adapter, threads: int) -> dict:
-    """The program's answers on ``examples`` on its target LM; an unparseable answer counts as wrong."""
-    with dspy.context(adapter=adapter):
-        result = dspy.Evaluate(devset=examples, metric=exact_match, num_threads=threads, display_progress=False,
-                               provide_traceback=False, max_errors=len(examples) + 1)(program)
-    answers = [prediction.get("answer") if prediction is not None else None for _, prediction, _ in result.results]
-    row = summarize([e.answer for e in examples], answers)
-    row["unparsed"] = sum(a is None for a in answers)
-    return row
 
 
 def main() -> None:
@@ -101,8 +90,8 @@ def main() -> None:
             compile_calls = len(target.history)
             adapter = GReaTerAdapter.from_program(optimized, max_reasoning_tokens=args.target_tokens)
             t0 = time.perf_counter()
-            rows = {"before": evaluate(program, test, adapter, args.threads),
-                    "after": evaluate(optimized, test, adapter, args.threads)}
+            rows = {"before": evaluate_program(program, test, adapter=adapter, threads=args.threads),
+                    "after": evaluate_program(optimized, test, adapter=adapter, threads=args.threads)}
             eval_seconds = time.perf_counter() - t0
         calls = len(target.history)
 

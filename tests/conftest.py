@@ -2,6 +2,7 @@
 
 import pytest
 
+import dspy_greater.teleprompter as tp_module
 from dspy_greater.layout import GreaterLayout
 from dspy_greater.loading import load_optimizer_model
 from dspy_greater.model import OptimizerLM
@@ -31,3 +32,13 @@ def lm(optimizer):
 def layout(optimizer):
     """The paper's layout on the embedded model's tokenizer."""
     return GreaterLayout(optimizer[1])
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if anything tries to load the optimizer model (input must be checked first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the optimizer model was loaded before the input was validated")
+
+    monkeypatch.setattr(tp_module, "load_optimizer_model", refuse)

@@ -14,16 +14,6 @@ def _example(question="Take 1 step. Do you return?", answer="No"):
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if anything tries to load the optimizer model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the optimizer model was loaded before the input was validated")
-
-    monkeypatch.setattr(tp_module, "load_optimizer_model", refuse)
-
-
-@pytest.fixture
 def tp(no_model):
     return GReaTerTeleprompter(metric=exact_match, progress=False)
 

@@ -85,16 +85,6 @@ def _compile_recording(tp, program, **kwargs):
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if anything loads the optimizer model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the optimizer model was loaded before the input was validated")
-
-    monkeypatch.setattr(tp_module, "load_optimizer_model", refuse)
-
-
-@pytest.fixture
 def no_model_work(monkeypatch):
     """Fails the test if the search starts or the model generates."""
     monkeypatch.setattr(GreaterSearch, "run", lambda *a, **k: pytest.fail("the search started"))

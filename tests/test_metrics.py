@@ -4,6 +4,7 @@ import pytest
 from dspy_greater.metrics import (
     accuracy,
     balanced_accuracy,
+    evaluate_program,
     exact_match,
     majority_rate,
     normalize_answer,
@@ -90,3 +91,15 @@ def test_exact_match_with_dspy_evaluate():
                            display_progress=False)(Fixed())
     assert result.score == pytest.approx(200 / 3, abs=0.01)
     assert [bool(score) for _, _, score in result.results] == [True, False, True]
+
+
+def test_evaluate_program_summarizes_answers_and_counts_unparsed():
+    examples = [dspy.Example(question=f"q{i}", answer=a).with_inputs("question") for i, a in enumerate(["Yes", "No", "No"])]
+    program = dspy.Predict("question -> answer")
+    lm = dspy.utils.DummyLM({"q0": {"answer": "Yes"}, "q1": {"answer": "Yes"}, "q2": "no field markers here"})
+    with dspy.context(lm=lm):
+        row = evaluate_program(program, examples, threads=1)
+    assert row["n"] == 3 and row["unparsed"] == 1
+    assert row["accuracy"] == pytest.approx(1 / 3)
+    assert row["majority_rate"] == pytest.approx(2 / 3)
+    assert row["pred_distribution"] == {"Yes": 2, None: 1}
