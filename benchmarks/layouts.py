@@ -12,45 +12,26 @@ rate, answer counts, and the compile's wall time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from compile_runs import parser, setup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="navigate")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--train", type=int, default=12)
-    parser.add_argument("--val", type=int, default=8)
-    parser.add_argument("--test", type=int, default=20)
-    parser.add_argument("--reasoning-tokens", type=int, default=48)
-    parser.add_argument("--eval-every", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--layouts", nargs="+", default=["greater", "chat_adapter"], choices=["greater", "chat_adapter"])
-    parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+    p = parser(__doc__, train=12, val=8, test=20, steps=5, threads=1)
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--layouts", nargs="+", default=["greater", "chat_adapter"], choices=["greater", "chat_adapter"])
+    args = p.parse_args()
 
     import dspy
-    import torch
 
     from dspy_greater import GReaTerTeleprompter
-    from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.loading import load_optimizer_model
     from dspy_greater.metrics import exact_match, summarize
 
-    torch.set_num_threads(args.threads)
-    train, val, test = split_examples(load_examples(args.task), [args.train, args.val, args.test], seed=args.seed)
-    model, tokenizer = load_optimizer_model()
-    report = {"task": args.task, "steps": args.steps, "splits": [len(train), len(val), len(test)], "seed": args.seed,
-              "reasoning_tokens": args.reasoning_tokens, "eval_every": args.eval_every, "threads": args.threads,
-              "load_average_start": os.getloadavg(),
-              "command": " ".join(["python", "benchmarks/layouts.py", *sys.argv[1:]]), "layouts": {}}
+    train, val, test, model, tokenizer, report = setup(args, "benchmarks/layouts.py")
+    report.update(eval_every=args.eval_every, layouts={})
     for name in args.layouts:
         tp = GReaTerTeleprompter(metric=exact_match, layout=name, num_steps=args.steps, eval_every=args.eval_every,
                                  max_reasoning_tokens=args.reasoning_tokens, seed=args.seed, progress=False)

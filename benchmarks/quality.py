@@ -13,47 +13,29 @@ before and after.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from compile_runs import parser, setup
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="navigate")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--train", type=int, default=24)
-    parser.add_argument("--val", type=int, default=12)
-    parser.add_argument("--test", type=int, default=40)
-    parser.add_argument("--reasoning-tokens", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--configs", nargs="+", default=["default", "faithful"], choices=["default", "faithful"])
-    parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+    p = parser(__doc__, train=24, val=12, test=40, steps=10, threads=2)
+    p.add_argument("--configs", nargs="+", default=["default", "faithful"], choices=["default", "faithful"])
+    args = p.parse_args()
 
     import dspy
-    import torch
 
     from dspy_greater import GReaTerTeleprompter
-    from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.loading import load_optimizer_model
     from dspy_greater.metrics import exact_match, summarize
     from dspy_greater.search import GreaterConfig
 
-    torch.set_num_threads(args.threads)
-    train, val, test = split_examples(load_examples(args.task), [args.train, args.val, args.test], seed=args.seed)
-    model, tokenizer = load_optimizer_model()
-    report = {"task": args.task, "steps": args.steps, "splits": [len(train), len(val), len(test)], "seed": args.seed,
-              "reasoning_tokens": args.reasoning_tokens, "threads": args.threads, "load_average_start": os.getloadavg(),
-              "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]), "configs": {}}
+    train, val, test, model, tokenizer, report = setup(args, "benchmarks/quality.py")
+    report["configs"] = {}
     for name in args.configs:
         common = dict(num_steps=args.steps, max_reasoning_tokens=args.reasoning_tokens, seed=args.seed)
         config = GreaterConfig(**common) if name == "default" else GreaterConfig.faithful(**common, prefix_cache=False)
