@@ -186,7 +186,9 @@ def run_method(method: str, args, program, train, dev, target, proposer, counter
         tp = GReaTerTeleprompter(metric=exact_match, num_steps=args.greater_steps,
                                  batch_size=min(args.greater_batch, len(train)), seed=args.seed_value,
                                  max_reasoning_tokens=args.greater_reasoning_tokens,
-                                 target_candidates=args.greater_target_candidates, num_threads=1, progress=False)
+                                 target_candidates=args.greater_target_candidates, num_threads=1, progress=False,
+                                 model=args.optimizer_model, dtype=args.optimizer_dtype, device=args.optimizer_device,
+                                 layout="chat_adapter" if args.adapter == "chat" else "greater")
         optimized = tp.compile(program, trainset=train, valset=dev)
         res = optimized.greater_results["cot.predict"]
         details = {"best_instruction_optimizer_model": res.get("best_instruction"),
@@ -258,7 +260,10 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
             raise SystemExit(f"{split_file} holds other splits (other sizes?); use another --out or remove it")
     split_file.write_text(json.dumps(split_record))
     extractor = derive_extractor("answer", None, [e.answer for e in train], [format_inputs(["question"], e) for e in train])
-    adapter = GReaTerAdapter({"answer": extractor}, max_reasoning_tokens=args.target_tokens)
+    if args.adapter == "chat":
+        adapter = dspy.ChatAdapter()
+    else:
+        adapter = GReaTerAdapter({"answer": extractor}, max_reasoning_tokens=args.target_tokens)
     args.seed_value = seed
 
     for method in args.methods:
@@ -272,7 +277,7 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
               flush=True)
         record = {"task": label, "task_source": task, "seed": seed, "method": method,
                   "splits": {"sizes": [len(train), len(dev), len(test)], "file": os.path.relpath(split_file, HERE.parent)},
-                  "target": args.target_name, "proposer": args.proposer_name, "adapter": "GReaTerAdapter",
+                  "target": args.target_name, "proposer": args.proposer_name, "adapter": type(adapter).__name__,
                   "extractor": extractor.text, "target_tokens": args.target_tokens,
                   "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "tasks", "seeds")},
                   "load_average_start": os.getloadavg()}
@@ -461,6 +466,17 @@ def main() -> None:
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--target", default="smollm2", help="GGUF served by llama.cpp: smollm2 (embedded), gemma3-270m or a path")
     p.add_argument("--proposer", default="smollm2", help="GGUF for the text optimizers' prompt/reflection LM")
+    p.add_argument("--target-model", default=None,
+                   help="any litellm model as target instead of a local GGUF, e.g. openai/<model> on a vLLM server")
+    p.add_argument("--proposer-model", default=None, help="any litellm model as prompt/reflection LM")
+    p.add_argument("--api-base", default=None, help="base URL for --target-model/--proposer-model (vLLM, ...)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--adapter", choices=("greater", "chat"), default="greater",
+                   help="greater: GReaTerAdapter (tiny targets); chat: DSPy's ChatAdapter (1B+ instruct targets)")
+    p.add_argument("--optimizer-model", default=None,
+                   help="GReaTer's optimizer model (hub id, folder or .gguf; default the embedded SmolLM2-135M)")
+    p.add_argument("--optimizer-dtype", default="auto")
+    p.add_argument("--optimizer-device", default=None, help="e.g. cuda")
     p.add_argument("--target-tokens", type=int, default=128, help="reasoning token limit on the target")
     p.add_argument("--proposer-tokens", type=int, default=512)
     p.add_argument("--greater-steps", type=int, default=20)
@@ -513,13 +529,26 @@ def main() -> None:
         def serve(name):
             return stack.enter_context(LlamaCppServer(None if name == "smollm2" else name, n_threads=args.threads))
 
-        target_server = serve(args.target)
-        proposer_server = target_server if args.proposer == args.target else serve(args.proposer)
-        target = target_server.lm(max_tokens=args.target_tokens, cache=True)
-        proposer = proposer_server.lm(max_tokens=args.proposer_tokens, cache=True, model_type="chat")
+        client = {k: v for k, v in (("api_base", args.api_base), ("api_key", args.api_key)) if v}
+        servers = {}
+        if args.target_model:
+            limit = 1024 if args.adapter == "chat" else args.target_tokens  # ChatAdapter's reply holds the answer too
+            target = dspy.LM(args.target_model, temperature=0.0, max_tokens=limit, cache=True, **client)
+            args.target_name = args.target_model
+        else:
+            servers[args.target] = serve(args.target)
+            target = servers[args.target].lm(max_tokens=args.target_tokens, cache=True)
+            args.target_name = f"{servers[args.target].alias} (llama.cpp, {type(target).__name__})"
+        if args.proposer_model:
+            proposer = dspy.LM(args.proposer_model, temperature=0.0, max_tokens=args.proposer_tokens, cache=True,
+                               **client)
+            args.proposer_name = args.proposer_model
+        else:
+            if args.proposer not in servers:
+                servers[args.proposer] = serve(args.proposer)
+            proposer = servers[args.proposer].lm(max_tokens=args.proposer_tokens, cache=True, model_type="chat")
+            args.proposer_name = f"{servers[args.proposer].alias} (llama.cpp, chat dspy.LM)"
         target._compare_role, proposer._compare_role = "target", "proposer"
-        args.target_name = f"{target_server.alias} ({type(target).__name__})"
-        args.proposer_name = f"{proposer_server.alias} (chat dspy.LM)"
         dspy.configure(lm=target)
         for task in args.tasks:
             for seed in args.seeds:
