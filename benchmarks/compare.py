@@ -282,6 +282,8 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
                   "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "tasks", "seeds")},
                   "load_average_start": os.getloadavg()}
         program = make_program(adapter)
+        logged = _ErrorLog()
+        logging.getLogger().addHandler(logged)
         before = counter.snapshot()
         t0 = time.perf_counter()
         try:
@@ -313,10 +315,26 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
             record["traceback"] = traceback.format_exc()[-6000:]
             print(f"[{label} seed {seed}] {method}: FAILED after {record['optimizer_seconds']:.0f} s: "
                   f"{record['error'][:300]}", flush=True)
+        logging.getLogger().removeHandler(logged)
+        # Errors the optimizers caught and logged (SIMBA's failed strategies, examples that failed to run):
+        # a method can "succeed" while returning its input program unchanged.
+        record["logged_errors"] = {"count": len(logged.messages), "first": logged.messages[:5]}
         record["load_average_end"] = os.getloadavg()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str))
         tmp.replace(path)
+
+
+class _ErrorLog(logging.Handler):
+    """Collects ERROR log records (one line each, cut) while one method runs."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        with contextlib.suppress(Exception):
+            self.messages.append(f"{record.name}: {' '.join(record.getMessage().split())[:300]}")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -358,7 +376,7 @@ def report(args) -> None:
                     if tt != t or mm != m:
                         continue
                     if r.get("status") != "ok":
-                        errors.append(f"{t} seed {s}: {r.get('error', '')[:160]}")
+                        errors.append(f"{t} seed {s}: {' '.join(r.get('error', '').split())[:160]}")
                         continue
                     seeds += 1
                     c = np.array(r["test"]["correct"], dtype=float)
@@ -407,7 +425,7 @@ def report(args) -> None:
             if r is None:
                 continue
             text = r.get("instruction") if r.get("status") == "ok" else f"FAILED: {r.get('error', '')[:300]}"
-            lines.append(f"- {m}: `{(text or '').replace('`', chr(39))[:400]}`".replace("\n", " "))
+            lines.append(f"- {m}: `{' '.join((text or '').replace('`', chr(39)).split())[:400]}`")
         lines.append("")
     if len(tasks) > 1:
         rows = rows_for(tasks)
