@@ -425,7 +425,13 @@ def report(args) -> None:
             if r is None:
                 continue
             text = r.get("instruction") if r.get("status") == "ok" else f"FAILED: {r.get('error', '')[:300]}"
-            lines.append(f"- {m}: `{' '.join((text or '').replace('`', chr(39)).split())[:400]}`")
+            start = (by.get((t, seeds[0], "unoptimized")) or {}).get("instruction")
+            note = ""
+            if m not in ("unoptimized", "zero_shot_cot") and r.get("status") == "ok" and text == start:
+                note = " (unchanged: the starting instruction)"
+            if (r.get("logged_errors") or {}).get("count"):
+                note += f" ({r['logged_errors']['count']} errors caught and logged by the optimizer)"
+            lines.append(f"- {m}: `{' '.join((text or '').replace('`', chr(39)).split())[:400]}`{note}")
         lines.append("")
     if len(tasks) > 1:
         rows = rows_for(tasks)
