@@ -363,13 +363,15 @@ def report(args) -> None:
     summary: dict = {"tasks": {}, "average": {}}
     lines = ["# Comparison with DSPy's optimizers", "",
              "Test accuracy with a 95% bootstrap CI (examples resampled within each seed; seeds and tasks averaged), "
-             "the paired difference against zero-shot CoT on the same test examples with its CI, majority-class rate "
+             "the paired differences against zero-shot CoT and against the unoptimized program (where every optimizer "
+             "starts) on the same test examples with their CIs, majority-class rate "
              "of the test labels, balanced accuracy, optimizer wall time and target-LM calls during optimization "
              "(mean per seed). Written by `benchmarks/compare.py`.", ""]
 
     def rows_for(keys_tasks):
         out = {}
         for m in methods:
+            start_groups = []
             acc_groups, diff_groups, bal, maj, secs, calls, dist, errors, seeds = [], [], [], [], [], [], Counter(), [], 0
             for t in keys_tasks:
                 for (tt, s, mm), r in by.items():
@@ -384,6 +386,9 @@ def report(args) -> None:
                     base = by.get((t, s, BASELINE))
                     if base and base.get("status") == "ok" and len(base["test"]["correct"]) == len(c):
                         diff_groups.append(c - np.array(base["test"]["correct"], dtype=float))
+                    start = by.get((t, s, "unoptimized"))
+                    if start and start.get("status") == "ok" and len(start["test"]["correct"]) == len(c):
+                        start_groups.append(c - np.array(start["test"]["correct"], dtype=float))
                     bal.append(r["test"]["balanced_accuracy"])
                     maj.append(r["test"]["majority_rate"])
                     secs.append(r.get("optimizer_seconds", 0.0))
@@ -391,6 +396,7 @@ def report(args) -> None:
                     dist.update({str(k): v for k, v in r["test"]["pred_distribution"].items()})
             out[m] = {"runs": seeds, "accuracy": bootstrap_mean_ci(acc_groups, rng),
                       "diff_vs_zero_shot_cot": bootstrap_mean_ci(diff_groups, rng) if diff_groups else (float("nan"),) * 3,
+                      "diff_vs_unoptimized": bootstrap_mean_ci(start_groups, rng) if start_groups else (float("nan"),) * 3,
                       "balanced_accuracy": float(np.mean(bal)) if bal else float("nan"),
                       "majority_rate": float(np.mean(maj)) if maj else float("nan"),
                       "optimizer_seconds": float(np.mean(secs)) if secs else float("nan"),
@@ -399,16 +405,19 @@ def report(args) -> None:
         return out
 
     def table(rows, with_instruction_task=None):
-        out = ["| method | runs | test accuracy [95% CI] | vs zero-shot CoT [95% CI] | majority rate | balanced acc. | "
+        out = ["| method | runs | test accuracy [95% CI] | vs zero-shot CoT [95% CI] | vs unoptimized (the optimizers' start) [95% CI] | majority rate | balanced acc. | "
                "optimizer time (s) | target calls (optimizer) | answers (test) |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for m, v in rows.items():
+            if not v["runs"] and not v["errors"]:
+                continue  # not run (yet) on these tasks
             if not v["runs"]:
-                out.append(f"| {m} | 0 | failed | - | - | - | - | - | {'; '.join(v['errors'])[:300].replace('|', '/')} |")
+                out.append(f"| {m} | 0 | failed | - | - | - | - | - | - | {'; '.join(v['errors'])[:300].replace('|', '/')} |")
                 continue
             dist = ", ".join(f"{k}: {n}" for k, n in v["answers"].items())
             out.append(f"| {m} | {v['runs']} | {fmt_ci(*v['accuracy'])} | "
                        f"{'-' if m == BASELINE else fmt_ci(*v['diff_vs_zero_shot_cot'], signed=True)} | "
+                       f"{'-' if m == 'unoptimized' else fmt_ci(*v['diff_vs_unoptimized'], signed=True)} | "
                        f"{v['majority_rate']:.3f} | {v['balanced_accuracy']:.3f} | {v['optimizer_seconds']:.0f} | "
                        f"{v['optimizer_target_calls']:.0f} | {dist.replace('|', '/')} |")
         return out
@@ -436,7 +445,10 @@ def report(args) -> None:
     if len(tasks) > 1:
         rows = rows_for(tasks)
         summary["average"] = rows
-        lines += ["## Average over tasks", ""] + table(rows) + [""]
+        lines += ["## Average over tasks", "",
+                  "Each (task, seed) run counts once; `runs` says how many are in a row: a method with fewer runs "
+                  "than the baselines is averaged over fewer tasks (the others failed or were not run), so compare "
+                  "rows with equal `runs` only.", ""] + table(rows) + [""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compare.md").write_text("\n".join(lines))
     (RESULTS / "compare_summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -460,7 +472,10 @@ def plot(summary, tasks, methods) -> None:
         xs = np.arange(len(methods))
         for i, m in enumerate(methods):
             v = rows.get(m)
-            if not v or not v["runs"]:
+            if not v or (not v["runs"] and not v["errors"]):
+                ax.text(i, 0.02, "not run", rotation=90, ha="center", va="bottom", fontsize=8, color="grey")
+                continue
+            if not v["runs"]:
                 ax.text(i, 0.02, "failed", rotation=90, ha="center", va="bottom", fontsize=8, color="red")
                 continue
             p, lo, hi = v["accuracy"]
