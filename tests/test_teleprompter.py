@@ -106,8 +106,11 @@ def test_compile_on_an_integer_task(teleprompter):
 
 
 def test_ctrl_c_returns_the_best_program_and_the_checkpoint_resumes(teleprompter, navigate, compiled, tmp_path):
-    """A real KeyboardInterrupt in the main thread after the first step (as Ctrl-C delivers it)."""
-    import _thread
+    """A KeyboardInterrupt in the main thread right after the first step, as Ctrl-C raises it there.
+
+    Raised from a log handler (synchronously) rather than by signalling: the suite's earlier tests must
+    not be able to change whether it lands.
+    """
     import logging
 
     train, val = navigate
@@ -115,18 +118,25 @@ def test_ctrl_c_returns_the_best_program_and_the_checkpoint_resumes(teleprompter
     class InterruptAfterFirstStep(logging.Handler):
         def emit(self, record):
             if record.getMessage().startswith("step 0 "):
-                _thread.interrupt_main()
+                raise KeyboardInterrupt
 
     log = logging.getLogger("dspy_greater.teleprompter")
-    handler, level = InterruptAfterFirstStep(), log.level
+    handler, level, disabled = InterruptAfterFirstStep(), log.level, log.disabled
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    # A library's logging.config.dictConfig (disable_existing_loggers) or logging.disable may have
+    # silenced this logger earlier in the suite.
+    log.disabled = False
+    previous_disable = logging.root.manager.disable
+    logging.disable(logging.NOTSET)
     try:
         interrupted = teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train, valset=val,
                                            checkpoint_dir=tmp_path)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+        log.disabled = disabled
+        logging.disable(previous_disable)
     first = interrupted.greater_results["predict"]
     assert first["stopped_reason"] == "interrupted" and len(first["trace"]) == 1
     assert interrupted.predict.signature.instructions == first["best_instruction"]
