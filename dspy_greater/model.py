@@ -80,14 +80,24 @@ class OptimizerLM:
         model: A Hugging Face causal LM (weights frozen; gradients flow to inputs only).
         tokenizer: Its tokenizer; must have a pad token.
         batch_size: Sequences per forward pass or generation batch.
+        generator: Generates instead of ``model.generate`` when set, e.g. a
+            :class:`~dspy_greater.generation.CompletionServerGenerator` serving the same weights;
+            called as ``generator(prompts, max_new_tokens=, temperature=, top_p=)``.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 8,
+        generator: Callable[..., list[list[int]]] | None = None,
+    ):
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token.")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.generator = generator
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -233,6 +243,10 @@ class OptimizerLM:
         text contains one of them; its tokens then end with the token that completed the first
         one (the caller cuts the text).
         """
+        if self.generator is not None:
+            rows = self.generator(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+            rows = [row[: next((i for i, tok in enumerate(row) if tok in self.stop_ids), len(row))] for row in rows]
+            return [self._cut_at_stop_string(row, stop_strings) for row in rows] if stop_strings else rows
         results: list[list[int]] = []
         for chunk in self._chunks(prompts):
             width = max(len(p) for p in chunk)

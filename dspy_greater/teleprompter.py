@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs
 from dspy_greater.extractor import Extractor, derive_extractor
+from dspy_greater.generation import CompletionServerGenerator, server_address
 from dspy_greater.layout import LAYOUTS, ChatAdapterLayout, GreaterLayout, make_layout
 from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
 from dspy_greater.model import OptimizerLM
@@ -158,6 +159,13 @@ class GReaTerTeleprompter(Teleprompter):
             follows ``dspy.settings.adapter`` at compile time: a ChatAdapter (or JSONAdapter /
             XMLAdapter, whose prompt is ChatAdapter's) -> ``"chat_adapter"``; ``GReaTerAdapter``,
             another adapter or none -> ``"greater"``.
+        generation_server: Generate the optimizer model's reasoning on an OpenAI-compatible
+            completion server that serves the same weights (a URL such as
+            ``"http://127.0.0.1:8000/v1"`` or a :class:`~dspy_greater.server.LlamaCppServer`);
+            the gradient and scoring stay in PyTorch. Worth it with vLLM on a GPU; on a CPU
+            llama-cpp-python's one-request-at-a-time server is no faster than PyTorch (see
+            ``benchmarks/README.md``). ``None`` (default) generates in PyTorch.
+        generation_model: The model name on that server (default: the first it lists).
         **config_overrides: Any :class:`GreaterConfig` field, e.g. ``num_steps=20``.
     """
 
@@ -178,9 +186,15 @@ class GReaTerTeleprompter(Teleprompter):
         target_candidates: int = 4,
         num_threads: int = 4,
         layout: str = "auto",
+        generation_server=None,
+        generation_model: str | None = None,
         **config_overrides,
     ):
         super().__init__()
+        if generation_server is not None:
+            server_address(generation_server)  # a bad value fails here, not after the model has loaded
+        self.generation_server = generation_server
+        self.generation_model = generation_model
         if not isinstance(layout, str) or layout not in LAYOUTS:
             close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -596,7 +610,8 @@ class GReaTerTeleprompter(Teleprompter):
             tokenizer.pad_token = tokenizer.eos_token
             logger.info("Tokenizer has no pad token; using its eos token %r as pad token.", tokenizer.eos_token)
         model.requires_grad_(False)
-        self._lm = OptimizerLM(model.eval(), tokenizer, batch_size=self.config.model_batch_size)
+        self._lm = OptimizerLM(model.eval(), tokenizer, batch_size=self.config.model_batch_size,
+                               generator=self._generator(tokenizer))
         return self
 
     def get_params(self) -> dict:
@@ -608,7 +623,9 @@ class GReaTerTeleprompter(Teleprompter):
         params = {"metric": self.metric, "config": vars(self.config), "model": vars(self.model_spec),
                   "target_candidates": self.target_candidates, "num_threads": self.num_threads,
                   "extractor": vars(self.extractor) if isinstance(self.extractor, Extractor) else self.extractor,
-                  "initial_instruction": self.initial_instruction, "progress": self.progress, "layout": self.layout}
+                  "initial_instruction": self.initial_instruction, "progress": self.progress, "layout": self.layout,
+                  "generation_server": None if self.generation_server is None else server_address(self.generation_server)[0],
+                  "generation_model": self.generation_model}
         return _plain(params)
 
     # -- steps -----------------------------------------------------------------------------------------
@@ -679,8 +696,14 @@ class GReaTerTeleprompter(Teleprompter):
     def _optimizer_lm(self) -> OptimizerLM:
         if self._lm is None:
             model, tokenizer = load_optimizer_model(self.model_spec)
-            self._lm = OptimizerLM(model, tokenizer, batch_size=self.config.model_batch_size)
+            self._lm = OptimizerLM(model, tokenizer, batch_size=self.config.model_batch_size,
+                                   generator=self._generator(tokenizer))
         return self._lm
+
+    def _generator(self, tokenizer) -> CompletionServerGenerator | None:
+        if self.generation_server is None:
+            return None
+        return CompletionServerGenerator(self.generation_server, tokenizer, model=self.generation_model)
 
     def _search(self, task: PredictorTask) -> GreaterSearch:
         lm = self._optimizer_lm()
