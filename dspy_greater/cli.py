@@ -29,16 +29,6 @@ def _print_table(rows: list[dict]) -> None:
     print()
 
 
-def _target_accuracy(program, examples, metric, threads: int) -> tuple[float, list]:
-    """Accuracy (0-1) of ``program`` on the configured target LM, and its answers."""
-    import dspy
-
-    result = dspy.Evaluate(devset=examples, metric=metric, num_threads=threads, display_progress=False,
-                           provide_traceback=False)(program)
-    answers = [getattr(pred, "answer", None) for _, pred, _ in result.results]
-    return float(result.score) / 100.0, answers
-
-
 def run_demo(args: argparse.Namespace) -> dict:
     """Optimize a ChainOfThought program's instruction on a BBH task and report before/after."""
     if args.target:
@@ -60,7 +50,7 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
 
     from dspy_greater import GReaTerTeleprompter
     from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.metrics import exact_match
+    from dspy_greater.metrics import evaluate_program, exact_match
 
     started = time.perf_counter()
     examples = load_examples(args.task) if args.file is None else load_examples(
@@ -83,12 +73,12 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
     with target:
         if server:
             print("... and on the target LM ...", flush=True)
-            before["target_accuracy"], before["target_answers"] = _target_accuracy(program, test, exact_match, args.threads)
+            before["target"] = evaluate_program(program, test, threads=args.threads)
         optimized = teleprompter.compile(program, trainset=train, valset=val)
         preds, golds = teleprompter.optimizer_predictions(optimized, test)
         after = _summary_rows("after", optimized.predict.signature.instructions, golds, preds)
         if server:
-            after["target_accuracy"], after["target_answers"] = _target_accuracy(optimized, test, exact_match, args.threads)
+            after["target"] = evaluate_program(optimized, test, threads=args.threads)
             calls = len(dspy.settings.lm.history)
     elapsed = time.perf_counter() - started
 
@@ -98,9 +88,10 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
           "(balanced = mean recall per label; a model that always gives one label scores 1/#labels):")
     _print_table([before, after])
     if server:
-        print(f"Target LM ({server.alias}) accuracy on the same test examples: "
-              f"before {before['target_accuracy']:.3f}, after {after['target_accuracy']:.3f}; "
-              f"{calls} target-LM calls in all.")
+        b, a = before["target"], after["target"]
+        print(f"Target LM ({server.alias}) on the same test examples: accuracy before {b['accuracy']:.3f}, after "
+              f"{a['accuracy']:.3f}; balanced accuracy {b['balanced_accuracy']:.3f} -> {a['balanced_accuracy']:.3f} "
+              f"(majority rate {b['majority_rate']:.3f}); {calls} target-LM calls in all.")
         selection = optimized.greater_results["predict"].get("target_selection")
         if selection:
             print(f"Target-aware selection on {len(val)} held-out examples: {selection['scores']}")

@@ -53,6 +53,13 @@ class GreaterConfig:
             regenerates only for the winner, which the next step needs anyway.
         keep_current: Also score the current token and keep it if no finalist beats it. The paper
             always replaces it with the best finalist.
+        finalist_key: How finalists (and the current token) are ranked. ``"score"`` (paper): mistake
+            rate + ``score_fluency_weight`` x instruction NLL, ties broken by the answer loss. With
+            a few examples per step the mistake rate moves in coarse steps, so the fluency term
+            decides nearly every comparison and the current (fluent) token is almost never beaten.
+            ``"loss"``: mistake rate first, then answer loss + ``score_fluency_weight`` x
+            instruction NLL, so a token that makes the gold answers more likely without adding a
+            mistake wins.
         max_instruction_tokens: The instruction stops growing at this length (then wraps to 0).
         eval_every: Score the instruction on the held-out examples every this many steps (and at
             the end); the best held-out instruction is returned. Paper: picked offline from a top-10.
@@ -83,6 +90,7 @@ class GreaterConfig:
     reasoning_temperature: float = 0.0
     finalist_scoring: str = "teacher_forced"
     keep_current: bool = True
+    finalist_key: str = "score"
     max_instruction_tokens: int = 48
     eval_every: int = 5
     allowed_tokens: str = "words"
@@ -129,6 +137,8 @@ class GreaterConfig:
             raise ValueError(
                 f"GreaterConfig.finalist_scoring must be 'regenerate' or 'teacher_forced', got {self.finalist_scoring!r}."
             )
+        if self.finalist_key not in ("score", "loss"):
+            raise ValueError(f"GreaterConfig.finalist_key must be 'score' or 'loss', got {self.finalist_key!r}.")
         if self.allowed_tokens not in ("words", "ascii", "all"):
             raise ValueError(f"GreaterConfig.allowed_tokens must be 'words', 'ascii' or 'all', got {self.allowed_tokens!r}.")
 
@@ -559,7 +569,7 @@ class GreaterSearch:
         if len(finite) < len(scored):
             logger.warning("Step %d: skipping finalists with a non-finite score: %s", step,
                            [s["token"] for s in scored if s not in finite])
-        winner = min(finite, key=lambda s: (s["score"], s["answer_loss"]))
+        winner = min(finite, key=self._finalist_rank)
         instruction = [*instruction[:position], winner["token_id"], *instruction[position + 1 :]]
         seconds["select"] = time.perf_counter() - t0
         return dict(
@@ -574,6 +584,12 @@ class GreaterSearch:
             seconds=seconds,
             instruction_ids=instruction,
         )
+
+    def _finalist_rank(self, scored: dict) -> tuple[float, float]:
+        """Lower is better (see ``GreaterConfig.finalist_key``)."""
+        if self.config.finalist_key == "loss":
+            return (scored["mistake_rate"], scored["answer_loss"] + self.config.score_fluency_weight * scored["fluency"])
+        return (scored["score"], scored["answer_loss"])
 
     def _advance(self, instruction: list[int], position: int) -> int:
         """Next position: the following token; past the end grow, or wrap after a full sentence."""

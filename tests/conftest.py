@@ -3,8 +3,10 @@
 import pytest
 
 import dspy_greater.teleprompter as tp_module
+from dspy_greater import GReaTerTeleprompter
 from dspy_greater.layout import GreaterLayout
 from dspy_greater.loading import load_optimizer_model
+from dspy_greater.metrics import exact_match
 from dspy_greater.model import OptimizerLM
 
 
@@ -32,6 +34,22 @@ def lm(optimizer):
 def layout(optimizer):
     """The paper's layout on the embedded model's tokenizer."""
     return GreaterLayout(optimizer[1])
+
+
+TINY_SEARCH = dict(num_steps=1, batch_size=3, max_reasoning_tokens=8, eval_every=1, progress=False,
+                   target_candidates=2, num_threads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_teleprompter(optimizer):
+    """Builds a GReaTerTeleprompter on the loaded embedded model with tiny settings (one step, three
+    examples, eight reasoning tokens); keyword arguments override them."""
+
+    def make(**overrides):
+        settings = {"metric": exact_match, **TINY_SEARCH, **overrides}
+        return GReaTerTeleprompter(**settings).use_loaded_model(*optimizer)
+
+    return make
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import pytest
 from dspy_greater import GReaTerTeleprompter
 from dspy_greater.data import load_examples
 from dspy_greater.generation import CompletionServerGenerator, GenerationServerError
-from dspy_greater.metrics import exact_match
 from dspy_greater.model import OptimizerLM
 from dspy_greater.server import LlamaCppServer
 
@@ -56,12 +55,9 @@ def test_stop_strings_are_applied_to_served_text(optimizer, server, prompts):
     assert len(cut) < len(full)
 
 
-def test_compile_generates_on_the_server(optimizer, server):
+def test_compile_generates_on_the_server(tiny_teleprompter, server):
     train = load_examples("navigate")[:6]
-    teleprompter = GReaTerTeleprompter(
-        metric=exact_match, num_steps=1, batch_size=3, max_reasoning_tokens=16, eval_every=1,
-        target_candidates=0, progress=False, generation_server=server,
-    ).use_loaded_model(*optimizer)
+    teleprompter = tiny_teleprompter(target_candidates=0, generation_server=server)
     compiled = teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train[:4], valset=train[4:])
 
     assert teleprompter._lm.generator.requests >= 3

@@ -14,9 +14,6 @@ from dspy_greater import GReaTerTeleprompter
 from dspy_greater.data import load_examples, split_examples
 from dspy_greater.metrics import exact_match
 
-TINY = dict(num_steps=1, batch_size=3, max_reasoning_tokens=8, eval_every=1, keep_current=False, progress=False)
-
-
 @pytest.fixture(scope="module")
 def navigate():
     train, val = split_examples(load_examples("navigate"), [4, 2], seed=3)
@@ -24,9 +21,8 @@ def navigate():
 
 
 @pytest.fixture(scope="module")
-def teleprompter(optimizer):
-    tp = GReaTerTeleprompter(metric=exact_match, target_candidates=2, num_threads=1, **TINY)
-    return tp.use_loaded_model(*optimizer)
+def teleprompter(tiny_teleprompter):
+    return tiny_teleprompter(keep_current=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,7 @@ from dspy.utils import DummyLM
 from dspy_greater import GReaTerTeleprompter
 from dspy_greater.data import load_examples, split_examples
 from dspy_greater.metrics import exact_match
-
-TINY = dict(num_steps=1, batch_size=3, max_reasoning_tokens=8, eval_every=1, progress=False)
-
-
-class PlanThenAnswer(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.plan = dspy.ChainOfThought("question -> plan")
-        self.solve = dspy.ChainOfThought("question, plan -> answer")
-
-    def forward(self, question):
-        plan = self.plan(question=question).plan
-        return self.solve(question=question, plan=plan)
-
+from examples.two_step import PlanThenAnswer
 
 @pytest.fixture(scope="module")
 def data():
@@ -35,9 +22,8 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def teleprompter(optimizer):
-    tp = GReaTerTeleprompter(metric=exact_match, target_candidates=2, num_threads=1, **TINY)
-    return tp.use_loaded_model(*optimizer)
+def teleprompter(tiny_teleprompter):
+    return tiny_teleprompter()
 
 
 def _target(examples, wrong):

@@ -84,6 +84,7 @@ def test_intersect_subset_size_larger_than_number_of_sets():
         {"reasoning_temperature": -0.1},
         {"finalist_scoring": "x"},
         {"allowed_tokens": "emoji"},
+        {"finalist_key": "accuracy"},
     ],
 )
 def test_config_rejects_bad_values(bad):
@@ -403,6 +404,20 @@ def test_advance_rule(lm, layout, navigate):
     assert search._advance(open_ended, 1) == 2  # past the end: grow
     at_max = layout.encode("Be very very exact")
     assert len(at_max) == 4 and search._advance(at_max, 3) == 0  # at the length cap: wrap
+
+
+def test_finalist_key_decides_between_fluency_and_answer_loss(lm, layout, navigate):
+    extractor, _ = navigate
+    fluent = {"mistake_rate": 1 / 6, "answer_loss": 2.0, "fluency": 3.0}
+    likely = {"mistake_rate": 1 / 6, "answer_loss": 1.5, "fluency": 6.0}  # gold answers likelier, less fluent
+    worse = {"mistake_rate": 2 / 6, "answer_loss": 0.1, "fluency": 1.0}
+    for entry in (fluent, likely, worse):
+        entry["score"] = entry["mistake_rate"] + 0.02 * entry["fluency"]
+    by_score = _search(lm, layout, extractor)
+    by_loss = _search(lm, layout, extractor, finalist_key="loss")
+    assert min([fluent, likely, worse], key=by_score._finalist_rank) is fluent
+    assert min([fluent, likely, worse], key=by_loss._finalist_rank) is likely  # 1.5 + 0.12 < 2.0 + 0.06
+    assert min([worse, likely], key=by_loss._finalist_rank) is likely  # a new mistake is never traded for loss
 
 
 # ---------------------------------------------------------------------------------------------
