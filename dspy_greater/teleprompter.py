@@ -252,7 +252,8 @@ class GReaTerTeleprompter(Teleprompter):
                 labels are all kept; both are logged as warnings. ``valset`` is used as given.
             teacher: Unused (accepted for DSPy compatibility).
             valset: Held-out examples; the best instruction is chosen on them. Defaults to a
-                seeded quarter of ``trainset`` (or all of it when it is tiny).
+                seeded quarter of ``trainset`` (or all of it when it is tiny); an empty list counts
+                as ``None`` (with a warning), as DSPy's ``BetterTogether`` passes one for tiny trainsets.
             checkpoint_dir: Folder for one JSON checkpoint per predictor (``<name>.json``), written
                 after every step. Calling ``compile`` again with the same folder and inputs resumes
                 where the last run stopped. Ctrl-C returns the best program so far and keeps it.
@@ -273,6 +274,10 @@ class GReaTerTeleprompter(Teleprompter):
         the whole program's ``metric`` on the target LM (the other predictors at their current
         instructions) when one is available, else on the optimizer model's held-out score.
         """
+        if valset is not None and hasattr(valset, "__len__") and not isinstance(valset, (str, bytes)) and not len(valset):
+            # BetterTogether passes valset=[] when the trainset is too small to split.
+            logger.warning("valset is empty; treating it as None (choosing on a held-out part of trainset).")
+            valset = None
         if isinstance(student, dspy.Module) and len(student.named_predictors()) > 1:
             return self._compile_several(student, trainset, valset, checkpoint_dir)
         name, predictor, task = self._prepare(student, trainset, valset)

@@ -47,8 +47,16 @@ def test_input_missing(tp):
 
 
 def test_valset_checked_too(tp):
-    with pytest.raises(ValueError, match="valset is empty"):
+    with pytest.raises(ValueError, match=r"valset\[0\] has no label 'answer'"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[_example()],
+                   valset=[dspy.Example(question="Is it?").with_inputs("question")])
+
+
+def test_empty_valset_means_none_with_a_warning(tp, caplog):
+    # BetterTogether hands valset=[] when the trainset is too small to split; that is "no valset".
+    with pytest.raises(AssertionError, match="loaded"), caplog.at_level("WARNING", logger="dspy_greater"):
         tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[_example()], valset=[])
+    assert "valset is empty" in caplog.text and "held-out part of trainset" in caplog.text
 
 
 def test_non_text_field_type(tp):
