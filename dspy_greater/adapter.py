@@ -114,7 +114,7 @@ class GReaTerAdapter(Adapter):
     """Run predictors in GReaTer's layout: inputs + instruction; free reasoning; extractor; answer.
 
     Args:
-        extractors: Extractor per output field name (as found by ``GReaTerTeleprompter``; see
+        extractors: Extractor per output field name, or per ``(field, instruction)`` (as found by ``GReaTerTeleprompter``; see
             :meth:`from_program`). Fields without one get an extractor derived from their type.
         max_reasoning_tokens: Token limit of the reasoning call. ``None`` (the default): the LM's own
             ``max_tokens`` (e.g. ``dspy.LM(..., max_tokens=64)``), else 256. A ``max_tokens`` in the
@@ -143,19 +143,31 @@ class GReaTerAdapter(Adapter):
 
     @classmethod
     def from_program(cls, program: dspy.Module, **kwargs) -> GReaTerAdapter:
-        """An adapter using the extractors a ``GReaTerTeleprompter`` found for ``program``."""
-        extractors = {}
-        for result in (getattr(program, "greater_results", None) or {}).values():
+        """An adapter using the extractors a ``GReaTerTeleprompter`` found for ``program``.
+
+        Each extractor is kept under its output field and the predictor's instruction, so two
+        predictors with the same output field name keep their own; the field name alone falls
+        back to the first predictor's.
+        """
+        extractors: dict = {}
+        predictors = dict(program.named_predictors())
+        for name, result in (getattr(program, "greater_results", None) or {}).items():
             spec = result.get("extractor")
-            if spec:
-                extractors[spec["field"]] = Extractor(spec["kind"], spec["text"], tuple(spec["choices"]))
+            if not spec:
+                continue
+            found = Extractor(spec["kind"], spec["text"], tuple(spec["choices"]))
+            extractors.setdefault(spec["field"], found)
+            if name in predictors:
+                extractors[(spec["field"], predictors[name].signature.instructions)] = found
         return cls(extractors, **kwargs)
 
     def extractor(self, signature: type[dspy.Signature], name: str, inputs: dict[str, Any] | None = None) -> Extractor:
-        """The extractor for output field ``name``: the given one, else derived from the field's type
-        (and, for ``str`` fields, from options listed in ``inputs``)."""
-        if name in self.extractors:
-            return self.extractors[name]
+        """The extractor for output field ``name``: the given one (for this instruction, else for the
+        field), else derived from the field's type (and, for ``str`` fields, from options listed
+        in ``inputs``)."""
+        for key in ((name, signature.instructions), name):
+            if key in self.extractors:
+                return self.extractors[key]
         text = "\n".join(str(inputs[k]) for k in signature.input_fields if k in inputs) if inputs else None
         return extractor_for_field(signature, name, text)
 

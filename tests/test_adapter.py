@@ -232,11 +232,30 @@ def test_from_program_reads_the_teleprompters_extractors():
     program.greater_results = {"predict": {"best_instruction": "x", "extractor": {
         "field": "answer", "kind": "letter", "text": A_B.text, "choices": ["(A)", "(B)"]}}}
     adapter = GReaTerAdapter.from_program(program, answer_tokens=4)
-    assert adapter.extractors == {"answer": A_B} and adapter.answer_tokens == 4
+    assert adapter.extractor(program.predict.signature, "answer") == A_B and adapter.answer_tokens == 4
     outputs, lm = run_adapter(adapter, program.predict.signature, HYPERBATON_Q, ["(A) midsize", "B) because"])
     assert outputs[0]["answer"] == "(B)"
     assert lm.requests[1][0][-1]["content"] == A_B.text.strip()
     assert GReaTerAdapter.from_program(dspy.ChainOfThought("question -> answer")).extractors == {}
+
+
+def test_two_predictors_with_the_same_output_field_keep_their_own_extractors():
+    class TwoAnswers(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = dspy.Predict(dspy.Signature("question -> answer", "Answer Yes or No."))
+            self.second = dspy.Predict(dspy.Signature("question -> answer", "Answer (A) or (B)."))
+
+    program = TwoAnswers()
+    program.greater_results = {
+        "first": {"extractor": {"field": "answer", "kind": "choice", "text": YES_NO.text, "choices": ["Yes", "No"]}},
+        "second": {"extractor": {"field": "answer", "kind": "letter", "text": A_B.text, "choices": ["(A)", "(B)"]}},
+    }
+    adapter = GReaTerAdapter.from_program(program)
+    assert adapter.extractor(program.first.signature, "answer").text == YES_NO.text
+    assert adapter.extractor(program.second.signature, "answer").text == A_B.text
+    # Another predictor's "answer" falls back to the first one found.
+    assert adapter.extractor(dspy.Signature("question -> answer", "Other."), "answer").text == YES_NO.text
 
 
 def test_demos_are_formatted_as_earlier_turns():
