@@ -114,8 +114,9 @@ class GReaTerAdapter(Adapter):
     """Run predictors in GReaTer's layout: inputs + instruction; free reasoning; extractor; answer.
 
     Args:
-        extractors: Extractor per output field name, or per ``(field, instruction)`` (as found by ``GReaTerTeleprompter``; see
-            :meth:`from_program`). Fields without one get an extractor derived from their type.
+        extractors: Extractor per output field name, or per ``(field, instruction)`` (as found by
+            ``GReaTerTeleprompter``; see :meth:`from_program`). Fields without one get an extractor
+            derived from their type.
         max_reasoning_tokens: Token limit of the reasoning call. ``None`` (the default): the LM's own
             ``max_tokens`` (e.g. ``dspy.LM(..., max_tokens=64)``), else 256. A ``max_tokens`` in the
             predictor's config (``lm_kwargs``) takes precedence over both.
