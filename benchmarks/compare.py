@@ -391,7 +391,7 @@ def report(args) -> None:
                         start_groups.append(c - np.array(start["test"]["correct"], dtype=float))
                     bal.append(r["test"]["balanced_accuracy"])
                     maj.append(r["test"]["majority_rate"])
-                    secs.append(r.get("optimizer_seconds", 0.0))
+                    secs.append(r.get("optimizer_seconds", 0.0) - r.get("paused_seconds", 0.0))  # SIGSTOPped time
                     calls.append((r.get("optimizer_calls") or {}).get("target", 0))
                     dist.update({str(k): v for k, v in r["test"]["pred_distribution"].items()})
             out[m] = {"runs": seeds, "accuracy": bootstrap_mean_ci(acc_groups, rng),

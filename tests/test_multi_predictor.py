@@ -127,3 +127,51 @@ def test_ctrl_c_while_the_program_runs_returns_a_program(data, monkeypatch):
     assert [r["skipped"] for r in results.values()] == [True, True]
     assert all("interrupted (Ctrl-C)" in r["reason"] for r in results.values())
     assert tp._lm is None  # the optimizer model was never needed
+
+
+def test_interrupted_in_the_second_predictor_resumes_to_the_same_end(tiny_teleprompter, data, tmp_path):
+    """Ctrl-C after the second predictor's first step; the rerun with the same checkpoint folder
+    ends where an uninterrupted run ends (the first predictor is restored from its finished checkpoint)."""
+    import logging
+
+    train, val = data
+    teleprompter = tiny_teleprompter(num_steps=2, keep_current=False)
+
+    def compile_once(folder):
+        with dspy.context(lm=_target(train + val, wrong={3, 5})):
+            return teleprompter.compile(PlanThenAnswer(), trainset=train, valset=val, checkpoint_dir=folder)
+
+    uninterrupted = compile_once(tmp_path / "straight").greater_results
+
+    class InterruptSecondPredictor(logging.Handler):
+        seen = 0
+
+        def emit(self, record):
+            if record.getMessage().startswith("step 0 "):
+                InterruptSecondPredictor.seen += 1
+                if InterruptSecondPredictor.seen == 2:
+                    raise KeyboardInterrupt
+
+    log = logging.getLogger("dspy_greater.teleprompter")
+    handler, level, disabled, previous_disable = InterruptSecondPredictor(), log.level, log.disabled, logging.root.manager.disable
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.disabled = False
+    logging.disable(logging.NOTSET)
+    try:
+        stopped = compile_once(tmp_path / "resumable").greater_results
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.disabled = disabled
+        logging.disable(previous_disable)
+    assert stopped["plan.predict"]["stopped_reason"] == "completed"
+    assert stopped["solve.predict"]["stopped_reason"] == "interrupted" and len(stopped["solve.predict"]["trace"]) == 1
+
+    resumed = compile_once(tmp_path / "resumable").greater_results
+    assert resumed["plan.predict"]["resumed_at_step"] == 2  # finished before: restored, no step redone
+    assert resumed["solve.predict"]["resumed_at_step"] == 1
+    for name in ("plan.predict", "solve.predict"):
+        assert [s["instruction"] for s in resumed[name]["trace"]] == [s["instruction"] for s in uninterrupted[name]["trace"]]
+        assert resumed[name]["best_instruction"] == uninterrupted[name]["best_instruction"]
+        assert resumed[name]["target_selection"]["chosen"] == uninterrupted[name]["target_selection"]["chosen"]
