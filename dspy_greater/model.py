@@ -245,8 +245,7 @@ class OptimizerLM:
         """
         if self.generator is not None:
             rows = self.generator(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-            rows = [row[: next((i for i, tok in enumerate(row) if tok in self.stop_ids), len(row))] for row in rows]
-            return [self._cut_at_stop_string(row, stop_strings) for row in rows] if stop_strings else rows
+            return [self._finish_row(row, stop_strings) for row in rows]
         results: list[list[int]] = []
         for chunk in self._chunks(prompts):
             width = max(len(p) for p in chunk)
@@ -266,10 +265,13 @@ class OptimizerLM:
                 **({"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}),
                 **sampling,
             )
-            for row in out[:, width:].tolist():
-                cut = next((i for i, tok in enumerate(row) if tok in self.stop_ids), len(row))
-                results.append(self._cut_at_stop_string(row[:cut], stop_strings) if stop_strings else row[:cut])
+            results.extend(self._finish_row(row, stop_strings) for row in out[:, width:].tolist())
         return results
+
+    def _finish_row(self, row: list[int], stop_strings: list[str] | None) -> list[int]:
+        """A generated row up to (not including) its first stop token, then cut at a stop string."""
+        row = row[: next((i for i, tok in enumerate(row) if tok in self.stop_ids), len(row))]
+        return self._cut_at_stop_string(row, stop_strings) if stop_strings else row
 
     def _cut_at_stop_string(self, row: list[int], stop_strings: list[str]) -> list[int]:
         """``row`` up to and including the token that completes its first stop string (all of it if none)."""
