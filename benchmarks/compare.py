@@ -270,6 +270,9 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
         path = folder / f"{method}.json"
         if path.exists():
             old = json.loads(path.read_text())
+            if str(old.get("target")).split(" (")[0] != args.target_name.split(" (")[0]:  # the model, not the client
+                raise SystemExit(f"{path} was run on target {old.get('target')!r}, not {args.target_name!r}: "
+                                 f"give each target its own --out folder (the default does so).")
             if old.get("status") == "ok" or not args.retry_failed:
                 print(f"[{label} seed {seed}] {method}: done before ({old.get('status')}), skipped", flush=True)
                 continue
@@ -366,7 +369,10 @@ def report(args) -> None:
              "the paired differences against zero-shot CoT and against the unoptimized program (where every optimizer "
              "starts) on the same test examples with their CIs, majority-class rate "
              "of the test labels, balanced accuracy, optimizer wall time and target-LM calls during optimization "
-             "(mean per seed). Written by `benchmarks/compare.py`.", ""]
+             "(mean per seed). Written by `benchmarks/compare.py`.", "",
+             f"Target LM: {', '.join(sorted({str(r.get('target')).split(' (')[0] for r in records}))}; text "
+             f"optimizers' prompt/reflection LM: {', '.join(sorted({str(r.get('proposer')).split(' (')[0] for r in records}))}.",
+             ""]
 
     def rows_for(keys_tasks):
         out = {}
@@ -494,6 +500,16 @@ def plot(summary, tasks, methods) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def default_out(args) -> pathlib.Path:
+    """Where a target's results go unless ``--out`` says otherwise: one folder per target LM."""
+    name = args.target_model or args.target
+    if name == "smollm2" and args.adapter == "greater":
+        return RESULTS
+    stem = pathlib.Path(name).stem if name.endswith(".gguf") else name
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)
+    return RESULTS / "targets" / (slug + ("" if args.adapter == "greater" else f"-{args.adapter}-adapter"))
+
+
 def main() -> None:
     global RESULTS, OUT_DIR
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -536,9 +552,11 @@ def main() -> None:
     p.add_argument("--retry-failed", action="store_true", help="rerun methods whose JSON records a failure")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from the JSONs")
     p.add_argument("--threads", type=int, default=1, help="torch threads for GReaTer; llama.cpp threads")
-    p.add_argument("--out", default=str(RESULTS), help="results folder (per-run JSONs go to <out>/compare/)")
+    p.add_argument("--out", default=None,
+                   help="results folder (per-run JSONs go to <out>/compare/); default benchmarks/results for the "
+                        "embedded SmolLM2 target, benchmarks/results/targets/<target> for any other")
     args = p.parse_args()
-    RESULTS = pathlib.Path(args.out).resolve()
+    RESULTS = pathlib.Path(args.out).resolve() if args.out else default_out(args)
     OUT_DIR = RESULTS / "compare"
     if args.small:
         for k, v in dict(target_tokens=48, greater_steps=4, greater_batch=6, greater_reasoning_tokens=48,

@@ -21,6 +21,7 @@ def parser(doc: str, *, train: int, val: int, test: int, steps: int, threads: in
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=threads)
     p.add_argument("--output", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the optimizer model's dtype")
     return p
 
 
@@ -30,12 +31,12 @@ def setup(args: argparse.Namespace, script: str):
     import torch
 
     from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.loading import load_optimizer_model
+    from dspy_greater.loading import ModelSpec, load_optimizer_model
 
     torch.set_num_threads(args.threads)
     train, val, test = split_examples(load_examples(args.task), [args.train, args.val, args.test], seed=args.seed)
-    model, tokenizer = load_optimizer_model()
-    report = {"task": args.task, "steps": args.steps, "splits": [len(train), len(val), len(test)], "seed": args.seed,
+    model, tokenizer = load_optimizer_model(ModelSpec(dtype=args.dtype))
+    report = {"task": args.task, "dtype": args.dtype, "steps": args.steps, "splits": [len(train), len(val), len(test)], "seed": args.seed,
               "reasoning_tokens": args.reasoning_tokens, "threads": args.threads,
               "load_average_start": os.getloadavg(), "command": " ".join(["python", script, *sys.argv[1:]])}
     return train, val, test, model, tokenizer, report
