@@ -38,6 +38,43 @@ def server_address(server: Any) -> tuple[str, str | None]:
     return server, None
 
 
+def served_models(api_base: Any, *, api_key: str | None = None, timeout: float = 30.0) -> list[str]:
+    """The model names ``GET <api_base>/models`` lists; GenerationServerError if the server cannot answer."""
+    url = f"{server_address(api_base)[0].rstrip('/')}/models"
+    return [m.get("id") for m in _request(url, None, api_key, timeout).get("data", [])]
+
+
+def check_generation_server(api_base: Any, model: str | None = None, *, api_key: str | None = None) -> None:
+    """Fail fast (before a model loads) when the server is down, lists no model, or lacks ``model``."""
+    models = served_models(api_base, api_key=api_key)
+    if not models:
+        raise GenerationServerError(f"The generation server at {server_address(api_base)[0]} lists no models; "
+                                    "pass generation_model= with the name it serves.")
+    if model is not None and model not in models:
+        raise GenerationServerError(f"The generation server at {server_address(api_base)[0]} does not serve "
+                                    f"{model!r}; it lists {models}. Pass one of them as generation_model=.")
+
+
+def _request(url: str, payload: dict | None, api_key: str | None, timeout: float) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if payload is None else "POST")
+    request.add_header("Content-Type", "application/json")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")[:500]
+        raise GenerationServerError(f"The generation server answered {error.code} at {url}: {detail}") from error
+    except (urllib.error.URLError, OSError) as error:
+        raise GenerationServerError(
+            f"Cannot reach the generation server at {url} ({error}). Start it first (for the embedded model: "
+            "`dspy-greater serve`, or use a LlamaCppServer() context), or leave generation_server unset to "
+            "generate in PyTorch."
+        ) from error
+
+
 class CompletionServerGenerator:
     """Generates with ``POST <api_base>/completions`` (temperature 0 is greedy).
 
@@ -78,27 +115,10 @@ class CompletionServerGenerator:
         return f"CompletionServerGenerator({self.api_base!r}, model={self.model!r})"
 
     def _call(self, path: str, payload: dict | None = None) -> dict:
-        url = f"{self.api_base}{path}"
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(url, data=data, method="GET" if payload is None else "POST")
-        request.add_header("Content-Type", "application/json")
-        if self.api_key:
-            request.add_header("Authorization", f"Bearer {self.api_key}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:500]
-            raise GenerationServerError(f"The generation server answered {error.code} at {url}: {detail}") from error
-        except (urllib.error.URLError, OSError) as error:
-            raise GenerationServerError(
-                f"Cannot reach the generation server at {url} ({error}). Start it first (for the embedded model: "
-                "`dspy-greater serve`, or use a LlamaCppServer() context), or leave generation_server unset to "
-                "generate in PyTorch."
-            ) from error
+        return _request(f"{self.api_base}{path}", payload, self.api_key, self.timeout)
 
     def _first_model(self) -> str:
-        models = [m.get("id") for m in self._call("/models").get("data", [])]
+        models = served_models(self.api_base, api_key=self.api_key, timeout=self.timeout)
         if not models:
             raise GenerationServerError(f"The generation server at {self.api_base} lists no models; pass model=.")
         return models[0]

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs
 from dspy_greater.extractor import Extractor, derive_extractor
-from dspy_greater.generation import CompletionServerGenerator, server_address
+from dspy_greater.generation import CompletionServerGenerator, check_generation_server, server_address
 from dspy_greater.layout import LAYOUTS, ChatAdapterLayout, GreaterLayout, make_layout
 from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
 from dspy_greater.model import OptimizerLM
@@ -700,6 +700,8 @@ class GReaTerTeleprompter(Teleprompter):
 
     def _optimizer_lm(self) -> OptimizerLM:
         if self._lm is None:
+            if self.generation_server is not None:  # a server that is down fails now, not after the model loads
+                check_generation_server(self.generation_server, self.generation_model)
             model, tokenizer = load_optimizer_model(self.model_spec)
             self._lm = OptimizerLM(model, tokenizer, batch_size=self.config.model_batch_size,
                                    generator=self._generator(tokenizer))
