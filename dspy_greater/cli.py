@@ -63,7 +63,7 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
         program.predict.signature = program.predict.signature.with_instructions(args.instruction)
     teleprompter = GReaTerTeleprompter(
         metric=exact_match, model=args.model, num_steps=args.steps, seed=args.seed, progress=not args.quiet,
-        num_threads=args.threads,
+        num_threads=args.threads, dtype=args.dtype, device=args.device,
     )
     target = dspy.context(lm=server.lm(max_tokens=args.target_tokens), adapter=GReaTerAdapter(
         max_reasoning_tokens=args.target_tokens)) if server else contextlib.nullcontext()
@@ -96,7 +96,11 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
         if selection:
             print(f"Target-aware selection on {len(val)} held-out examples: {selection['scores']}")
     print(f"Total time {elapsed / 60:.1f} min.")
-    report = {"task": args.task, "seed": args.seed, "steps": args.steps, "before": before, "after": after,
+    model = teleprompter._lm.model
+    report = {"task": args.task, "seed": args.seed, "steps": args.steps,
+              "model": {"name": getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype).removeprefix("torch."),
+                        "device": str(model.device)},
+              "before": before, "after": after,
               "seconds": elapsed, "search": optimized.greater_results}
     if args.output:
         path = pathlib.Path(args.output)
@@ -118,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--input-key", default=None, help="column holding the question (task files)")
     demo.add_argument("--output-key", default=None, help="column holding the answer (task files)")
     demo.add_argument("--model", default=None, help="optimizer model: hub id, folder or .gguf (default: embedded SmolLM2-135M)")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="optimizer model dtype (auto: float32 on CPU, bfloat16/float16 on CUDA); bfloat16 is "
+                           "faster on CPUs with AMX (benchmarks/README.md)")
+    demo.add_argument("--device", default=None, help="optimizer model device, e.g. cuda (default: cuda if available)")
     demo.add_argument("--train", type=int, default=24)
     demo.add_argument("--val", type=int, default=12)
     demo.add_argument("--test", type=int, default=40)

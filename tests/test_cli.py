@@ -37,6 +37,15 @@ def test_demo_on_a_llama_cpp_target(tmp_path, capsys):
     assert "target-LM calls in all" in out and "majority rate" in out
 
 
+def test_demo_runs_the_optimizer_model_in_the_dtype_asked_for(tmp_path):
+    report_path = tmp_path / "report.json"
+    assert main(["demo", *TINY, "--dtype", "bfloat16", "--output", str(report_path)]) == 0
+
+    report = json.loads(report_path.read_text())
+    assert report["model"]["dtype"] == "bfloat16" and report["model"]["device"] == "cpu"
+    assert report["search"]["predict"]["trace"][0]["step"] == 0
+
+
 def test_demo_with_an_unknown_task_fails_clearly(capsys):
     assert main(["demo", "--task", "no_such_task", "--quiet"]) == 2
     err = capsys.readouterr().err
