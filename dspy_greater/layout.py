@@ -9,7 +9,8 @@ Two layouts:
 - ``"chat_adapter"`` (:class:`ChatAdapterLayout`) is what DSPy's ``ChatAdapter`` sends a chat
   model: the system message (field descriptions, structure, then the instruction), the user
   message (the inputs in ``[[ ## field ## ]]`` sections), and the reply the adapter parses
-  (``[[ ## reasoning ## ]]`` reasoning, ``[[ ## answer ## ]]`` answer).
+  (``[[ ## reasoning ## ]]`` reasoning, ``[[ ## answer ## ]]`` answer); the same for its
+  subclasses ``JSONAdapter`` and ``XMLAdapter`` with their own messages and replies.
 
 Every piece is tokenized on its own and the ids are concatenated, so the instruction is a plain
 list of token ids that the search edits one position at a time, and spans are exact.
@@ -170,6 +171,10 @@ class ChatAdapterLayout(GreaterLayout):
     field's marker and the answer is the label. A signature without a reasoning field before the
     scored output (``dspy.Predict``) has no reasoning: the reply starts with the answer marker.
 
+    ``JSONAdapter`` and ``XMLAdapter`` (both ChatAdapter subclasses) are laid out the same way with
+    their own system and user messages and replies; the reasoning then ends at the text that
+    separates it from the answer (``",`` in JSON, ``</reasoning>`` in XML).
+
     A template that refuses a system message gets it merged into the user turn (system text, a
     blank line, user text); a tokenizer without a chat template gets the prompt DSPy sends a
     text-completion model (messages joined by blank lines, then ``BEGIN RESPONSE:``), a newline
@@ -188,13 +193,14 @@ class ChatAdapterLayout(GreaterLayout):
         signature: The predictor's signature (its instruction is replaced by the search's).
         output_field: The output field whose value is the label; default: the first output field
             that is not ``reasoning``/``rationale``.
-        adapter: A ``dspy.ChatAdapter`` (or subclass keeping its markers); default ``ChatAdapter()``.
-            ``JSONAdapter`` and ``XMLAdapter`` are refused: their replies are not field markers.
+        adapter: A ``dspy.ChatAdapter`` or a subclass: ``JSONAdapter`` (reply ``{"reasoning": "...",
+            "answer": "<label>`` ..., text answers only) and ``XMLAdapter`` (``<reasoning>...</reasoning>
+            <answer><label>``) are modelled from their own ``format_assistant_message_content``;
+            default ``ChatAdapter()``.
         separator: Between the inputs and the instruction prefix in the proposals' context.
     """
 
     name = "chat_adapter"
-    stop_strings = ("[[ ##",)
     proposals_share_prefix = False
 
     def __init__(
@@ -248,11 +254,19 @@ class ChatAdapterLayout(GreaterLayout):
             self.extractor_text = reply[start + len(values[reasoning]) : answer_at]  # "\n\n[[ ## answer ## ]]\n"
         else:
             self.opening, self.extractor_text = "", reply[:answer_at]  # "[[ ## answer ## ]]\n"
-        if not field_header_pattern.search(self.extractor_text):
-            raise TypeError(
-                f"{type(adapter).__name__} does not reply in [[ ## field ## ]] sections (its answer starts after "
-                f"{self.extractor_text!r}); the chat_adapter layout models ChatAdapter's replies only."
-            )
+        if field_header_pattern.search(self.extractor_text):
+            self.stop_strings = ("[[ ##",)  # any next field marker ends the reasoning
+        else:
+            # JSONAdapter ('",\n  "answer": "') or XMLAdapter ('\n</reasoning>\n\n<answer>\n'): the reasoning
+            # ends where the text between the two values begins.
+            if reply.lstrip().startswith("{") and not _is_str_field(signature.output_fields[output_field].annotation):
+                raise TypeError(f"{type(adapter).__name__} writes the non-text field {output_field!r} as a bare JSON "
+                                "value; only text (str / Literal) answers are modelled in its replies.")
+            closing = self.extractor_text.strip().split("\n")[0]
+            if self.reasons and not closing:
+                raise TypeError(f"{type(adapter).__name__} puts nothing between the reasoning and the answer; "
+                                "cannot tell where the reasoning ends.")
+            self.stop_strings = (closing,) if self.reasons else ()
         self.system_role = self.has_chat_template and self._template_keeps_system()
 
     # -- texts ---------------------------------------------------------------------------------------
@@ -347,3 +361,12 @@ def make_layout(name: str, tokenizer: PreTrainedTokenizerBase, *, signature: Any
             raise ValueError("The chat_adapter layout needs the predictor's signature.")
         return ChatAdapterLayout(tokenizer, signature, output_field=output_field, adapter=adapter)
     raise ValueError(f"Unknown layout {name!r}; expected 'greater' or 'chat_adapter'.")
+
+
+def _is_str_field(annotation: Any) -> bool:
+    """Whether a field's values are JSON strings: ``str`` or a ``Literal`` of strings."""
+    import typing
+
+    if annotation is str:
+        return True
+    return typing.get_origin(annotation) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(annotation))

@@ -723,9 +723,9 @@ class GReaTerTeleprompter(Teleprompter):
         """The layout to search in, from ``layout=`` and the adapter the program will run with.
 
         ``"auto"``: ``dspy.settings.adapter`` decides. A ``ChatAdapter`` -> the chat_adapter layout
-        with that adapter; a ``JSONAdapter``/``XMLAdapter`` (their replies are not field markers) ->
-        the chat_adapter layout with a plain ``ChatAdapter``, the nearest one (same system message
-        with the instruction at its end, same input sections); ``GReaTerAdapter``, another adapter,
+        with that adapter (``JSONAdapter`` and ``XMLAdapter`` included: their own messages and replies;
+        an adapter whose replies cannot be modelled, such as ``JSONAdapter`` with a non-text answer,
+        gets a plain ``ChatAdapter``'s, the nearest ones); ``GReaTerAdapter``, another adapter,
         or none -> the paper's layout (none: this package's default pipeline, and what
         ``GReaTerAdapter`` replays on small targets; set ``layout="chat_adapter"`` for a program
         that will run with DSPy's default ``ChatAdapter``).
@@ -741,9 +741,9 @@ class GReaTerTeleprompter(Teleprompter):
         try:
             layout = make_layout("chat_adapter", tokenizer, signature=task.signature, output_field=task.output_field,
                                  adapter=chat)
-        except TypeError:  # JSONAdapter, XMLAdapter: the prompt side matches ChatAdapter's, the reply does not
+        except TypeError as error:  # e.g. JSONAdapter with a non-text answer: model ChatAdapter's replies instead
             layout = make_layout("chat_adapter", tokenizer, signature=task.signature, output_field=task.output_field)
-            why += f" (its replies are not [[ ## field ## ]] sections, so ChatAdapter's are modelled)"
+            why += f" ({error} ChatAdapter's replies are modelled instead.)"
         if self.extractor is not None:
             logger.warning("The chat_adapter layout scores the label right after ChatAdapter's answer marker %r; "
                            "the extractor option is not used in it.", layout.extractor_text)

@@ -137,10 +137,38 @@ def test_no_chat_template_gets_dspys_text_completion_prompt(optimizer, signature
     assert layout.decode(prompt.ids) == f"{bos}{system}\n\n{user}\n\nBEGIN RESPONSE:\n[[ ## reasoning ## ]]\n"
 
 
-@pytest.mark.parametrize("adapter", [dspy.JSONAdapter(), dspy.XMLAdapter(), GReaTerAdapter()])
-def test_adapters_without_field_markers_are_refused(optimizer, signature, adapter):
+def test_adapters_that_are_not_chat_adapters_are_refused(optimizer, signature):
     with pytest.raises(TypeError, match="ChatAdapter"):
-        ChatAdapterLayout(optimizer[1], signature, adapter=adapter)
+        ChatAdapterLayout(optimizer[1], signature, adapter=GReaTerAdapter())
+
+
+# -- JSONAdapter and XMLAdapter: their own messages and replies ----------------------------------------
+
+
+@pytest.mark.parametrize("adapter, reply_end, generated_after", [
+    (dspy.JSONAdapter(), '"\n}', '",\n  "answer": "No"\n}'),
+    (dspy.XMLAdapter(), "\n</answer>", "\n</reasoning>\n\n<answer>\nNo\n</answer>"),
+])
+def test_json_and_xml_replies_are_modelled_from_the_adapter(optimizer, signature, adapter, reply_end, generated_after):
+    tokenizer = optimizer[1]
+    layout = ChatAdapterLayout(tokenizer, signature, adapter=adapter)
+    text = layout.decode(_full(layout).ids)
+    whole = _rendered(tokenizer, signature, INSTRUCTION, QUESTION, {"reasoning": REASONING, "answer": "No"}, adapter)
+    # The adapter's own conversation up to and including the label; what follows closes the reply.
+    assert whole.startswith(text) and whole[len(text):] == reply_end
+    reply = text.split("<|im_start|>assistant\n")[-1]
+    assert adapter.parse(signature, reply + reply_end) == {"reasoning": REASONING, "answer": "No"}
+    prompt = layout.prompt(layout.inputs_text({"question": QUESTION}), layout.encode_instruction(INSTRUCTION))
+    assert layout.decode(prompt.ids) == _rendered(tokenizer, signature, INSTRUCTION, QUESTION, adapter=adapter) + layout.opening
+    # Generated reasoning ends where the adapter's text between reasoning and answer starts.
+    assert layout.decode(layout.finish_reasoning(layout.encode(REASONING + generated_after))) == REASONING
+
+
+def test_json_replies_with_a_non_text_answer_are_refused(optimizer):
+    signature = dspy.ChainOfThought("question -> answer: int").predict.signature
+    with pytest.raises(TypeError, match="non-text field 'answer'"):
+        ChatAdapterLayout(optimizer[1], signature, adapter=dspy.JSONAdapter())
+    assert ChatAdapterLayout(optimizer[1], signature, adapter=dspy.XMLAdapter()).stop_strings == ("</reasoning>",)
 
 
 def test_make_layout(optimizer, signature):
@@ -235,6 +263,32 @@ def test_compile_runs_a_short_search_in_the_chat_adapter_layout(optimizer, caplo
     assert all("[[ ##" not in search.layout.decode(r) and 0 < len(r) <= 8 for r in reasoning)
 
 
+def test_compile_in_a_program_that_runs_with_json_adapter_searches_its_json_replies(optimizer):
+    program = dspy.ChainOfThought("question -> answer")
+    train = _navigate(3)
+    tp = GReaTerTeleprompter(metric=exact_match, num_steps=1, batch_size=3, max_reasoning_tokens=8, num_finalists=1,
+                             progress=False)
+    tp.use_loaded_model(*optimizer)
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        optimized = tp.compile(program, trainset=train)
+    result = optimized.greater_results["predict"]
+    assert result["layout"]["name"] == "chat_adapter" and result["layout"]["adapter"] == "JSONAdapter"
+    assert result["extractor"]["text"] == '",\n  "answer": "'
+    assert result["trace"][0]["step"] == 0
+
+
+def test_json_adapter_with_a_non_text_answer_falls_back_to_chat_adapter_replies(optimizer):
+    tp = GReaTerTeleprompter(metric=exact_match, progress=False)
+    tp.use_loaded_model(*optimizer)
+    program = dspy.ChainOfThought("question -> answer: int")
+    train = [dspy.Example(question=f"What is {i} + 1?", answer=i + 1).with_inputs("question") for i in range(4)]
+    _, _, task = tp._prepare(program, train, None)
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        layout, info = tp._layout(task, optimizer[1])
+    assert info["adapter"] == "ChatAdapter" and "ChatAdapter's replies are modelled instead" in info["reason"]
+    assert layout.stop_strings == ("[[ ##",)
+
+
 def test_layout_option_is_validated():
     with pytest.raises(ValueError, match="layout must be one of 'auto', 'greater', 'chat_adapter'.*'chat_adapter'"):
         GReaTerTeleprompter(metric=exact_match, layout="chatadapter")
@@ -246,7 +300,8 @@ def test_layout_option_is_validated():
 @pytest.mark.parametrize("option, adapter, expected, formatter", [
     ("auto", None, "greater", None),
     ("auto", dspy.ChatAdapter(), "chat_adapter", "ChatAdapter"),
-    ("auto", dspy.JSONAdapter(), "chat_adapter", "ChatAdapter"),
+    ("auto", dspy.JSONAdapter(), "chat_adapter", "JSONAdapter"),
+    ("auto", dspy.XMLAdapter(), "chat_adapter", "XMLAdapter"),
     ("auto", GReaTerAdapter(), "greater", None),
     ("greater", dspy.ChatAdapter(), "greater", None),
     ("chat_adapter", None, "chat_adapter", "ChatAdapter"),
