@@ -465,7 +465,8 @@ class GreaterSearch:
             "config": settings,
             "model": getattr(self.lm.model.config, "_name_or_path", type(self.lm.model).__name__),
             "vocab_size": self.lm.vocab_size,
-            "layout": [self.layout.name, self.layout.separator],
+            "layout": [self.layout.name, self.layout.separator,
+                       *([type(self.layout.adapter).__name__] if hasattr(self.layout, "adapter") else [])],
         })
 
     def _save(self, path, stamp: str, state: _RunState, rng: random.Random, elapsed: float) -> None:

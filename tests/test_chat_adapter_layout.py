@@ -317,3 +317,12 @@ def test_auto_layout_follows_the_configured_adapter(optimizer, option, adapter, 
     assert layout.name == info["name"] == expected
     if formatter:
         assert type(layout.adapter).__name__ == formatter
+
+
+def test_a_checkpoint_from_one_adapters_layout_is_not_resumed_in_another(lm, signature):
+    extractor = derive_extractor("answer", None, ["Yes", "No"], ["q"])
+    examples = [SearchExample("q", "Yes")]
+    stamps = {type(a).__name__: GreaterSearch(lm, ChatAdapterLayout(lm.tokenizer, signature, adapter=a), extractor,
+                                              GreaterConfig())._fingerprint(INSTRUCTION, examples, examples)
+              for a in (dspy.ChatAdapter(), dspy.JSONAdapter(), dspy.XMLAdapter())}
+    assert len(set(stamps.values())) == 3
