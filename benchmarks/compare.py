@@ -188,6 +188,7 @@ def run_method(method: str, args, program, train, dev, target, proposer, counter
                                  max_reasoning_tokens=args.greater_reasoning_tokens,
                                  target_candidates=args.greater_target_candidates, num_threads=1, progress=False,
                                  model=args.optimizer_model, dtype=args.optimizer_dtype, device=args.optimizer_device,
+                                 device_map=args.optimizer_device_map,
                                  layout="chat_adapter" if args.adapter == "chat" else "greater")
         optimized = tp.compile(program, trainset=train, valset=dev)
         res = optimized.greater_results["cot.predict"]
@@ -532,6 +533,8 @@ def main() -> None:
                    help="GReaTer's optimizer model (hub id, folder or .gguf; default the embedded SmolLM2-135M)")
     p.add_argument("--optimizer-dtype", default="auto")
     p.add_argument("--optimizer-device", default=None, help="e.g. cuda")
+    p.add_argument("--optimizer-device-map", default=None,
+                   help="accelerate device map for GReaTer's optimizer model, e.g. auto (shards it over the GPUs)")
     p.add_argument("--target-tokens", type=int, default=128, help="reasoning token limit on the target")
     p.add_argument("--proposer-tokens", type=int, default=512)
     p.add_argument("--greater-steps", type=int, default=20)
