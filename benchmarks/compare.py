@@ -23,7 +23,8 @@ the training labels. Methods:
   are DSPy's own prompts; a proposer reply that cannot be parsed is their failure, recorded.
 
 One JSON per (task, seed, method) under ``benchmarks/results/compare/<task>/seed<k>/`` is written as
-soon as the method finishes (or fails: then with its error); a rerun skips finished ones
+soon as the method finishes (or fails: then with its error; a progress bar on stderr counts the
+(task, seed, method) runs); a rerun skips finished ones
 (``--retry-failed`` reruns failures). The split indices are in ``splits.json`` beside them. DSPy's
 LM cache is on. At the end (or with ``--report-only``) the per-task and average table
 (``compare.md``), ``compare_summary.json`` and a plot (``compare.png``) are written to
@@ -186,7 +187,8 @@ def run_method(method: str, args, program, train, dev, target, proposer, counter
         tp = GReaTerTeleprompter(metric=exact_match, num_steps=args.greater_steps,
                                  batch_size=min(args.greater_batch, len(train)), seed=args.seed_value,
                                  max_reasoning_tokens=args.greater_reasoning_tokens,
-                                 target_candidates=args.greater_target_candidates, num_threads=1, progress=False,
+                                 target_candidates=args.greater_target_candidates, num_threads=1,
+                                 progress=sys.stderr.isatty(),  # its per-step bar, in a terminal only
                                  model=args.optimizer_model, dtype=args.optimizer_dtype, device=args.optimizer_device,
                                  device_map=args.optimizer_device_map,
                                  layout="chat_adapter" if args.adapter == "chat" else "greater")
@@ -241,7 +243,8 @@ def task_label(task: str) -> str:
     return pathlib.Path(task).stem if task.endswith((".json", ".jsonl", ".csv", ".tsv")) else task
 
 
-def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCounter) -> None:
+def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCounter, bar=None) -> None:
+    """Run (or skip, when its JSON is there) every method on one task and seed; ``bar`` advances per method."""
     import dspy
 
     from dspy_greater.adapter import GReaTerAdapter, format_inputs
@@ -268,6 +271,8 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
     args.seed_value = seed
 
     for method in args.methods:
+        if bar is not None:
+            bar.set_postfix_str(f"{label} seed {seed} {method}")
         path = folder / f"{method}.json"
         if path.exists():
             old = json.loads(path.read_text())
@@ -276,6 +281,8 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
                                  f"give each target its own --out folder (the default does so).")
             if old.get("status") == "ok" or not args.retry_failed:
                 print(f"[{label} seed {seed}] {method}: done before ({old.get('status')}), skipped", flush=True)
+                if bar is not None:
+                    bar.update(1)
                 continue
         print(f"[{label} seed {seed}] {method}: optimizing ({len(train)} train / {len(dev)} dev / {len(test)} test) ...",
               flush=True)
@@ -327,6 +334,8 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str))
         tmp.replace(path)
+        if bar is not None:
+            bar.update(1)
 
 
 class _ErrorLog(logging.Handler):
@@ -610,9 +619,13 @@ def main() -> None:
             args.proposer_name = f"{servers[args.proposer].alias} (llama.cpp, chat dspy.LM)"
         target._compare_role, proposer._compare_role = "target", "proposer"
         dspy.configure(lm=target)
-        for task in args.tasks:
-            for seed in args.seeds:
-                run_task_seed(task, seed, args, target, proposer, counter)
+        from tqdm import tqdm
+
+        with tqdm(total=len(args.tasks) * len(args.seeds) * len(args.methods), desc="compare", unit="run",
+                  file=sys.stderr) as bar:
+            for task in args.tasks:
+                for seed in args.seeds:
+                    run_task_seed(task, seed, args, target, proposer, counter, bar)
     print(f"all runs done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     report(args)
 
