@@ -496,6 +496,9 @@ def plot(summary, tasks, methods) -> None:
                 continue
             p, lo, hi = v["accuracy"]
             ax.errorbar(i, p, yerr=[[p - lo], [hi - p]], fmt="o", capsize=3, color="C0" if m != "greater" else "C3")
+            most = max(r["runs"] for r in rows.values())
+            if v["runs"] < most:  # the others failed: this point averages fewer tasks/seeds
+                ax.text(i, min(hi + 0.03, 0.95), f"{v['runs']}/{most} ran", ha="center", fontsize=7, color="red")
             ax.plot([i - 0.35, i + 0.35], [v["majority_rate"]] * 2, color="grey", lw=1, ls="--")
         ax.set_xticks(xs)
         ax.set_xticklabels(methods, rotation=60, ha="right", fontsize=8)
