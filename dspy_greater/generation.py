@@ -38,21 +38,24 @@ def server_address(server: Any) -> tuple[str, str | None]:
     return server, None
 
 
-def served_models(api_base: Any, *, api_key: str | None = None, timeout: float = 30.0) -> list[str]:
-    """The model names ``GET <api_base>/models`` lists; GenerationServerError if the server cannot answer."""
-    url = f"{server_address(api_base)[0].rstrip('/')}/models"
-    return [m.get("id") for m in _request(url, None, api_key, timeout).get("data", [])]
+def check_generation_server(
+    api_base: Any, model: str | None = None, *, api_key: str | None = None, timeout: float = 30.0
+) -> str:
+    """The model name to request: ``model``, else the server's alias (a ``LlamaCppServer``), else the
+    first one ``GET <api_base>/models`` lists.
 
-
-def check_generation_server(api_base: Any, model: str | None = None, *, api_key: str | None = None) -> None:
-    """Fail fast (before a model loads) when the server is down, lists no model, or lacks ``model``."""
-    models = served_models(api_base, api_key=api_key)
+    Raises:
+        GenerationServerError: The server cannot be reached, lists no models, or does not serve ``model``.
+    """
+    url, alias = server_address(api_base)
+    models = [m.get("id") for m in _request(f"{url.rstrip('/')}/models", None, api_key, timeout).get("data", [])]
     if not models:
-        raise GenerationServerError(f"The generation server at {server_address(api_base)[0]} lists no models; "
-                                    "pass generation_model= with the name it serves.")
+        raise GenerationServerError(f"The generation server at {url} lists no models; pass the name it serves "
+                                    "(generation_model=, or model= for CompletionServerGenerator).")
     if model is not None and model not in models:
-        raise GenerationServerError(f"The generation server at {server_address(api_base)[0]} does not serve "
-                                    f"{model!r}; it lists {models}. Pass one of them as generation_model=.")
+        raise GenerationServerError(f"The generation server at {url} does not serve {model!r}; it lists {models}. "
+                                    "Pass one of them as generation_model=.")
+    return model or alias or models[0]
 
 
 def _request(url: str, payload: dict | None, api_key: str | None, timeout: float) -> dict:
@@ -99,16 +102,15 @@ class CompletionServerGenerator:
         concurrency: int = 4,
         timeout: float = 300.0,
     ):
-        api_base, alias = server_address(api_base)
-        model = model or alias
+        url, alias = server_address(api_base)
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}.")
-        self.api_base = api_base.rstrip("/")
+        self.api_base = url.rstrip("/")
         self.tokenizer = tokenizer
         self.api_key = api_key
         self.concurrency = concurrency
         self.timeout = timeout
-        self.model = model or self._first_model()
+        self.model = model or alias or check_generation_server(url, api_key=api_key, timeout=timeout)
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -116,12 +118,6 @@ class CompletionServerGenerator:
 
     def _call(self, path: str, payload: dict | None = None) -> dict:
         return _request(f"{self.api_base}{path}", payload, self.api_key, self.timeout)
-
-    def _first_model(self) -> str:
-        models = served_models(self.api_base, api_key=self.api_key, timeout=self.timeout)
-        if not models:
-            raise GenerationServerError(f"The generation server at {self.api_base} lists no models; pass model=.")
-        return models[0]
 
     def _complete(self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float) -> list[int]:
         payload = {

@@ -700,17 +700,19 @@ class GReaTerTeleprompter(Teleprompter):
 
     def _optimizer_lm(self) -> OptimizerLM:
         if self._lm is None:
+            served = None
             if self.generation_server is not None:  # a server that is down fails now, not after the model loads
-                check_generation_server(self.generation_server, self.generation_model)
+                served = check_generation_server(self.generation_server, self.generation_model)
             model, tokenizer = load_optimizer_model(self.model_spec)
             self._lm = OptimizerLM(model, tokenizer, batch_size=self.config.model_batch_size,
-                                   generator=self._generator(tokenizer))
+                                   generator=self._generator(tokenizer, served))
         return self._lm
 
-    def _generator(self, tokenizer) -> CompletionServerGenerator | None:
+    def _generator(self, tokenizer, served: str | None = None) -> CompletionServerGenerator | None:
+        """The server generator, or None; ``served`` is the model name already checked on the server."""
         if self.generation_server is None:
             return None
-        return CompletionServerGenerator(self.generation_server, tokenizer, model=self.generation_model)
+        return CompletionServerGenerator(self.generation_server, tokenizer, model=served or self.generation_model)
 
     def _search(self, task: PredictorTask) -> GreaterSearch:
         lm = self._optimizer_lm()

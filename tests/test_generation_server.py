@@ -75,23 +75,14 @@ def test_generation_server_must_be_a_url():
         GReaTerTeleprompter(generation_server="localhost:8000")
 
 
-def _model_must_not_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the optimizer model was loaded before the generation server was checked")
-
-    monkeypatch.setattr("dspy_greater.teleprompter.load_optimizer_model", refuse)
-
-
-def test_a_down_server_fails_compile_before_the_model_loads(monkeypatch):
-    _model_must_not_load(monkeypatch)
+def test_a_down_server_fails_compile_before_the_model_loads(no_model):
     teleprompter = GReaTerTeleprompter(generation_server="http://127.0.0.1:9/v1", progress=False)
     train = load_examples("navigate")[:6]
     with pytest.raises(GenerationServerError, match=r"Cannot reach .*127\.0\.0\.1:9/v1/models"):
         teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train[:4], valset=train[4:])
 
 
-def test_a_model_the_server_does_not_serve_fails_before_the_model_loads(monkeypatch, server):
-    _model_must_not_load(monkeypatch)
+def test_a_model_the_server_does_not_serve_fails_before_the_model_loads(no_model, server):
     teleprompter = GReaTerTeleprompter(generation_server=server, generation_model="no-such-model", progress=False)
     train = load_examples("navigate")[:6]
     with pytest.raises(GenerationServerError, match=rf"does not serve 'no-such-model'.*{server.alias}.*generation_model="):
