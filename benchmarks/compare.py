@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py                                   # 5 transfer tasks, 50/100/100, 3 seeds
     python benchmarks/compare.py --tasks navigate --seeds 0 --train 20 --dev 20 --test 40 --small
+    python benchmarks/compare.py --small --jobs 2                  # two worker processes (one core each)
     python benchmarks/compare.py --report-only                     # rebuild the table and plot from the JSONs
 
 Every method optimizes (or not) the same program, ``dspy.ChainOfThought("question -> answer")``,
@@ -172,8 +173,6 @@ def bootstrap_mean_ci(groups: list[np.ndarray], rng: np.random.Generator, n: int
 
 def run_method(method: str, args, program, train, dev, target, proposer, counter: CallCounter) -> tuple:
     """(optimized program, details dict) for one method."""
-    import dspy
-
     from dspy_greater.metrics import exact_match
 
     details: dict = {}
@@ -290,7 +289,7 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
                   "splits": {"sizes": [len(train), len(dev), len(test)], "file": os.path.relpath(split_file, HERE.parent)},
                   "target": args.target_name, "proposer": args.proposer_name, "adapter": type(adapter).__name__,
                   "extractor": extractor.text, "target_tokens": args.target_tokens,
-                  "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "tasks", "seeds")},
+                  "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "tasks", "seeds", "pairs")},
                   "load_average_start": os.getloadavg()}
         program = make_program(adapter)
         logged = _ErrorLog()
@@ -523,6 +522,69 @@ def default_out(args) -> pathlib.Path:
     return RESULTS / "targets" / (slug + ("" if args.adapter == "greater" else f"-{args.adapter}-adapter"))
 
 
+def is_done(task: str, seed: int, method: str, retry_failed: bool) -> bool:
+    """Whether a run's JSON is there (and, with ``retry_failed``, records a success)."""
+    path = OUT_DIR / task_label(task) / f"seed{seed}" / f"{method}.json"
+    return path.exists() and (not retry_failed or json.loads(path.read_text()).get("status") == "ok")
+
+
+def run_workers(args, pairs: list[tuple[str, int]]) -> None:
+    """Run ``pairs`` in ``args.jobs`` worker processes (this script again, each on a round-robin share).
+
+    Each worker starts its own llama.cpp servers and writes the usual per-run JSONs, so a stopped
+    run continues like a single-process one; DSPy's disk cache is shared. Ctrl-C or SIGTERM stops
+    every worker (their servers exit with them).
+    """
+    import signal
+    import subprocess
+
+    from tqdm import tqdm
+
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    own, skip = [], False  # this command's arguments without its own --jobs/--out
+    for arg in sys.argv[1:]:
+        if not skip and arg.split("=")[0] not in ("--jobs", "--out"):
+            own.append(arg)
+        skip = arg in ("--jobs", "--out")
+    shares = [pairs[i::args.jobs] for i in range(min(args.jobs, len(pairs)))]
+    workers = []
+    for i, share in enumerate(shares):
+        command = [sys.executable, str(pathlib.Path(__file__).resolve()), *own, "--jobs", "1", "--out", str(RESULTS),
+                   "--pairs", *(f"{task}@{seed}" for task, seed in share)]
+        log = open(logs / f"worker{i}.log", "w")
+        workers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        print(f"worker {i}: {', '.join(f'{task_label(t)} seed {s}' for t, s in share)}; log {log.name}", flush=True)
+
+    def finished() -> int:
+        return sum(is_done(t, s, m, args.retry_failed) for t, s in pairs for m in args.methods)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    started = time.perf_counter()
+    try:
+        with tqdm(total=len(pairs) * len(args.methods), desc="compare", unit="run", file=sys.stderr) as bar:
+            while any(process.poll() is None for process, _ in workers):
+                time.sleep(5)
+                bar.update(finished() - bar.n)
+            bar.update(finished() - bar.n)
+    except KeyboardInterrupt:
+        for process, _ in workers:
+            process.terminate()
+        for process, _ in workers:
+            process.wait()
+        raise SystemExit("stopped; finished runs are kept, and the same command continues with the rest")
+    finally:
+        for _, log in workers:
+            log.close()
+    failed = [i for i, (process, _) in enumerate(workers) if process.returncode != 0]
+    if failed:
+        raise SystemExit(f"worker(s) {failed} exited with an error; see {logs}/worker<i>.log")
+    print(f"all runs done in {(time.perf_counter() - started) / 60:.1f} min ({len(workers)} workers)", flush=True)
+
+
 def main() -> None:
     global RESULTS, OUT_DIR
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -567,6 +629,10 @@ def main() -> None:
     p.add_argument("--retry-failed", action="store_true", help="rerun methods whose JSON records a failure")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from the JSONs")
     p.add_argument("--threads", type=int, default=1, help="torch threads for GReaTer; llama.cpp threads")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes, each with its own llama.cpp servers and its share of the (task, seed) "
+                        "pairs (logs in <out>/logs/); on 2 cores: --jobs 2 --threads 1")
+    p.add_argument("--pairs", nargs="+", default=None, help=argparse.SUPPRESS)  # task@seed: one worker's share
     p.add_argument("--out", default=None,
                    help="results folder (per-run JSONs go to <out>/compare/); default benchmarks/results for the "
                         "embedded SmolLM2 target, benchmarks/results/targets/<target> for any other")
@@ -580,7 +646,21 @@ def main() -> None:
                          simba_steps=1, proposer_tokens=256).items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit("--jobs and --threads must be at least 1")
     if args.report_only:
+        report(args)
+        return
+    pairs = ([(task, int(seed)) for task, seed in (pair.rsplit("@", 1) for pair in args.pairs)] if args.pairs
+             else [(task, seed) for task in args.tasks for seed in args.seeds])
+    pairs = [pair for pair in pairs if not all(is_done(*pair, method, args.retry_failed) for method in args.methods)]
+    if not pairs:
+        print(f"every requested run already has its JSON under {OUT_DIR}; rebuilding the report", flush=True)
+        if args.pairs is None:
+            report(args)
+        return
+    if args.jobs > 1 and len(pairs) > 1:
+        run_workers(args, pairs)
         report(args)
         return
 
@@ -594,7 +674,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     counter = CallCounter()
     dspy.configure(callbacks=[counter.callback])
-    print(f"compare.py: tasks {args.tasks}, seeds {args.seeds}, methods {args.methods}, splits "
+    print(f"compare.py: {', '.join(f'{task_label(t)} seed {s}' for t, s in pairs)}; methods {args.methods}; splits "
           f"{args.train}/{args.dev}/{args.test}; command: python {' '.join(sys.argv)}", flush=True)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -624,13 +704,12 @@ def main() -> None:
         dspy.configure(lm=target)
         from tqdm import tqdm
 
-        with tqdm(total=len(args.tasks) * len(args.seeds) * len(args.methods), desc="compare", unit="run",
-                  file=sys.stderr) as bar:
-            for task in args.tasks:
-                for seed in args.seeds:
-                    run_task_seed(task, seed, args, target, proposer, counter, bar)
+        with tqdm(total=len(pairs) * len(args.methods), desc="compare", unit="run", file=sys.stderr) as bar:
+            for task, seed in pairs:
+                run_task_seed(task, seed, args, target, proposer, counter, bar)
     print(f"all runs done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    report(args)
+    if args.pairs is None:  # a worker leaves the report to its parent
+        report(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DSPy side: ``GReaTerTeleprompter`` validates input, runs the search per predictor, writes back.
+"""DSPy side: ``GReaTerTeleprompter`` checks input (:mod:`validation`), runs the search per predictor, writes back.
 
 Knows nothing about torch internals: the optimizer model is loaded through :mod:`loading` and
 driven through :class:`~dspy_greater.search.GreaterSearch`.
@@ -12,7 +12,6 @@ import logging
 import os
 import pathlib
 import random
-import re
 import threading
 import typing
 from dataclasses import dataclass, replace
@@ -20,7 +19,6 @@ from dataclasses import dataclass, replace
 import dspy
 import numpy as np
 import torch
-from dspy.adapters.chat_adapter import field_header_pattern
 from dspy.teleprompt import Teleprompter
 from dspy.utils.exceptions import AdapterParseError
 from tqdm.auto import tqdm
@@ -32,10 +30,10 @@ from dspy_greater.layout import LAYOUTS, ChatAdapterLayout, GreaterLayout, make_
 from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
 from dspy_greater.model import OptimizerLM
 from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample, SearchResult
+from dspy_greater.validation import (SCALAR_TYPES, build_config, check_examples, check_instruction, check_label_space,
+                                     deduplicated, is_text_type, unsupported_reason)
 
 logger = logging.getLogger(__name__)
-
-_SCALAR_TYPES = (str, int, float, bool)
 
 
 @dataclass(frozen=True)
@@ -111,9 +109,9 @@ class _Runs:
             else:
                 continue
             for inputs, label in pairs:
-                if not isinstance(label, _SCALAR_TYPES) or not str(label).strip():
+                if not isinstance(label, SCALAR_TYPES) or not str(label).strip():
                     continue
-                if any(not isinstance(inputs.get(f), _SCALAR_TYPES) for f in plan.inputs):
+                if any(not isinstance(inputs.get(f), SCALAR_TYPES) for f in plan.inputs):
                     continue
                 found.append(dspy.Example({f: inputs[f] for f in plan.inputs}, **{plan.output: label})
                              .with_inputs(*plan.inputs))
@@ -206,7 +204,7 @@ class GReaTerTeleprompter(Teleprompter):
                 "pass a function such as dspy_greater.metrics.exact_match."
             )
         self.metric = metric
-        self.config = _build_config(config, config_overrides)
+        self.config = build_config(config, config_overrides)
         if isinstance(model, ModelSpec):
             self.model_spec = model
         else:
@@ -220,7 +218,7 @@ class GReaTerTeleprompter(Teleprompter):
         if initial_instruction is not None and not str(initial_instruction).strip():
             raise ValueError("initial_instruction is empty; pass None to start from the predictor's instruction.")
         if initial_instruction is not None:
-            _check_instruction(str(initial_instruction), "initial_instruction")
+            check_instruction(str(initial_instruction), "initial_instruction")
         self.extractor = extractor
         self.initial_instruction = initial_instruction
         self.progress = progress
@@ -281,7 +279,7 @@ class GReaTerTeleprompter(Teleprompter):
         if isinstance(student, dspy.Module) and len(student.named_predictors()) > 1:
             return self._compile_several(student, trainset, valset, checkpoint_dir)
         name, predictor, task = self._prepare(student, trainset, valset)
-        train, heldout = self._split(_deduplicated(trainset, task), valset, task)
+        train, heldout = self._split(deduplicated(trainset, task), valset, task)
         select = bool(self.target_candidates and valset and self.metric is not None and _target_lm(predictor)[0] is not None)
         results, chosen = self._optimize(student, task, train, heldout, valset if select else None, checkpoint_dir,
                                          [("trainset", list(trainset)), ("valset", list(valset or []))])
@@ -340,9 +338,9 @@ class GReaTerTeleprompter(Teleprompter):
                 f"({', '.join(names)}). Set each predictor's instruction on the program instead "
                 "(predictor.signature = predictor.signature.with_instructions(text)) and leave initial_instruction unset."
             )
-        _check_examples(trainset, "trainset", (), [])
+        check_examples(trainset, "trainset", (), [])
         if valset is not None:
-            _check_examples(valset, "valset", (), [])
+            check_examples(valset, "valset", (), [])
         plans = [self._plan(n, p, trainset, valset) for n, p in predictors]  # every input check before any work
         target_ready = all(_target_lm(p)[0] is not None for _, p in predictors)
         instructions = {n: p.signature.instructions for n, p in predictors}
@@ -385,12 +383,12 @@ class GReaTerTeleprompter(Teleprompter):
         signature = predictor.signature
         inputs = tuple(signature.input_fields)
         outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
-        reason = _unsupported_reason(signature)
+        reason = unsupported_reason(signature)
         if reason is None and not outputs:
             reason = "its signature has no output field to optimize for."
         if reason is not None:
             return _Plan(name, inputs, outputs[0] if outputs else "", signature.instructions, skip=reason)
-        _check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
+        check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
         output = outputs[0]
         labelled = [output in e.labels() for e in trainset]
         inputs_given = all(f in e.inputs() for e in trainset for f in inputs)
@@ -405,13 +403,13 @@ class GReaTerTeleprompter(Teleprompter):
         if not plan.gold:
             return plan
         given = inputs if inputs_given else ()
-        _check_examples(trainset, "trainset", given, outputs)
+        check_examples(trainset, "trainset", given, outputs)
         if valset is not None:
-            _check_examples(valset, "valset", given, outputs)
+            check_examples(valset, "valset", given, outputs)
         desc = (signature.fields[output].json_schema_extra or {}).get("desc")
         texts = [format_inputs([f for f in inputs if f in e], e) for e in trainset]
         extractor = derive_extractor(output, desc, [e[output] for e in trainset], texts, override=self.extractor)
-        _check_label_space(extractor, output, [*trainset, *(valset or [])])
+        check_label_space(extractor, output, [*trainset, *(valset or [])])
         plan.extractor = extractor
         return plan
 
@@ -470,7 +468,7 @@ class GReaTerTeleprompter(Teleprompter):
                                          [format_inputs(plan.inputs, e) for e in seen])
         task = PredictorTask(plan.name, plan.inputs, plan.output, instructions[plan.name], extractor,
                              dict(student.named_predictors())[plan.name].signature)
-        train = _deduplicated(train, task)
+        train = deduplicated(train, task)
         train, heldout = self._split(train, heldout_given or None, task)
         select = bool(self.target_candidates and valset and self.metric is not None and target_ready)
         try:
@@ -656,12 +654,12 @@ class GReaTerTeleprompter(Teleprompter):
             name, predictor = predictors[0]
         signature = predictor.signature
         if self.initial_instruction is None:
-            _check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
+            check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
         inputs = tuple(signature.input_fields)
         outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
         for field_name in [*inputs, *outputs]:
             annotation = signature.fields[field_name].annotation
-            if not _is_text_type(annotation):
+            if not is_text_type(annotation):
                 raise TypeError(
                     f"Field {field_name!r} has type {annotation!r}; GReaTer handles text fields only "
                     "(str, int, float, bool or Literal). Convert the field to str or leave this predictor out."
@@ -669,9 +667,9 @@ class GReaTerTeleprompter(Teleprompter):
         if not outputs:
             raise ValueError("The predictor's signature has no output field to optimize for.")
         output = outputs[0]
-        examples = _check_examples(trainset, "trainset", inputs, outputs)
+        examples = check_examples(trainset, "trainset", inputs, outputs)
         if valset is not None:
-            _check_examples(valset, "valset", inputs, outputs)
+            check_examples(valset, "valset", inputs, outputs)
         labels = [e[output] for e in examples]
         field_info = signature.fields[output]
         desc = (field_info.json_schema_extra or {}).get("desc")
@@ -679,7 +677,7 @@ class GReaTerTeleprompter(Teleprompter):
         extractor = derive_extractor(output, desc, labels, [task.inputs_text(e) for e in examples],
                                      override=self.extractor)
         task = replace(task, extractor=extractor)
-        _check_label_space(extractor, output, [*examples, *(valset or [])])
+        check_label_space(extractor, output, [*examples, *(valset or [])])
         return name, predictor, task
 
     def _split(self, trainset, valset, task):
@@ -788,129 +786,6 @@ class GReaTerTeleprompter(Teleprompter):
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-def _build_config(config, overrides: dict) -> GreaterConfig:
-    if config is not None and not isinstance(config, (GreaterConfig, dict)):
-        raise TypeError(f"config must be a GreaterConfig or a dict, got {type(config).__name__}.")
-    base = dict(vars(config)) if isinstance(config, GreaterConfig) else dict(config or {})
-    merged = {**base, **overrides}
-    known = GreaterConfig.field_names()
-    for key in merged:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"Unknown GReaTer option {key!r}.{hint} Valid options: {', '.join(sorted(known))}.")
-    return GreaterConfig(**merged)
-
-
-def _check_examples(examples, what: str, inputs: tuple[str, ...], outputs: list[str]) -> list:
-    if examples is None or isinstance(examples, (str, bytes)) or not hasattr(examples, "__len__"):
-        raise TypeError(f"{what} must be a list of dspy.Example, got {type(examples).__name__}.")
-    if len(examples) == 0:
-        raise ValueError(f"{what} is empty; GReaTer needs labelled examples (the paper uses 50).")
-    for i, example in enumerate(examples):
-        if not isinstance(example, dspy.Example):
-            raise TypeError(f"{what}[{i}] is a {type(example).__name__}, not a dspy.Example.")
-        if example._input_keys is None:
-            raise ValueError(
-                f"{what}[{i}] has no input fields marked; call .with_inputs("
-                f"{', '.join(repr(k) for k in inputs) or 'the names of its input fields'}) on it."
-            )
-        for key in [*inputs, *outputs]:
-            role = "input" if key in inputs else "label"
-            if key not in example or example[key] is None:
-                raise ValueError(f"{what}[{i}] has no {role} {key!r}; every example needs {', '.join([*inputs, *outputs])}.")
-            if not isinstance(example[key], _SCALAR_TYPES):
-                raise TypeError(
-                    f"{what}[{i}].{key} is a {type(example[key]).__name__}; GReaTer handles text values only. "
-                    "Convert it to str."
-                )
-            if role == "label" and not str(example[key]).strip():
-                raise ValueError(f"{what}[{i}] has an empty label {key!r} ({example[key]!r}); the search scores how "
-                                 "likely the label is, so give it a non-empty label or drop the example.")
-    return list(examples)
-
-
-def _check_instruction(text: str, what: str) -> None:
-    """Refuse an instruction holding DSPy's ``[[ ## field ## ]]`` markers.
-
-    ChatAdapter shows the instruction to the target LM inside the prompt whose reply structure those
-    markers define and splits the reply at them; a marker inside the instruction is
-    indistinguishable from the adapter's own.
-    """
-    marker = field_header_pattern.search(text)
-    if marker:
-        raise ValueError(
-            f"{what} contains DSPy's field marker {marker.group(0)!r}. ChatAdapter frames the prompt and splits the "
-            "target LM's reply at these markers, so one inside the instruction invites a reply the adapter cannot "
-            f"parse. Remove it and name the field in plain words (e.g. `{marker.group(1)}`)."
-        )
-
-
-def _deduplicated(examples: list, task: PredictorTask) -> list:
-    """``examples`` with exact repeats (same inputs and label) dropped, with a warning; examples with the same
-    inputs but different labels are kept, with a warning (no instruction can get all of them right)."""
-    first: dict[SearchExample, int] = {}
-    labels: dict[str, dict[str, int]] = {}
-    kept, repeats = [], []
-    for i, example in enumerate(examples):
-        key = task.search_example(example)
-        if key in first:
-            repeats.append(f"[{i}] repeats [{first[key]}]")
-            continue
-        first[key] = i
-        labels.setdefault(key.inputs_text, {})[key.label] = i
-        kept.append(example)
-    if repeats:
-        logger.warning("trainset holds %d exact duplicate example(s) (%s); each is used once.",
-                       len(repeats), ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else ""))
-    conflicts = [by_label for by_label in labels.values() if len(by_label) > 1]
-    for by_label in conflicts[:5]:
-        logger.warning("trainset examples %s have the same inputs but different labels (%s); all are kept, so no "
-                       "instruction can get them all right and the loss pulls both ways. Fix the labels or drop one.",
-                       ", ".join(f"[{i}]" for i in by_label.values()), ", ".join(repr(k) for k in by_label))
-    return kept
-
-
-_TOOL_LINE = re.compile(r"^\(\d+\) [^\n]*?(?:, whose description is|\. It takes arguments)", re.MULTILINE)
-
-
-def _mentions(annotation, classes: tuple) -> bool:
-    """Whether a type annotation is, or is built from, one of ``classes`` (``list[dspy.Tool]``, ``History | None``)."""
-    if isinstance(annotation, type) and issubclass(annotation, classes):
-        return True
-    return any(_mentions(arg, classes) for arg in typing.get_args(annotation))
-
-
-def _unsupported_reason(signature) -> str | None:
-    """Why GReaTer cannot optimize a predictor with this signature (``None``: it can)."""
-    kept = " Its instruction is kept as it is."
-    if "trajectory" in signature.input_fields or _TOOL_LINE.search(signature.instructions or ""):
-        what = "a `trajectory` input" if "trajectory" in signature.input_fields else "an instruction listing tools"
-        return (f"it is a tool-using (ReAct-style) predictor ({what}); GReaTer optimizes a predictor that answers "
-                f"in one call, not a trajectory of tool calls.{kept}")
-    for name, info in signature.fields.items():
-        if _mentions(info.annotation, (dspy.Tool, dspy.ToolCalls)):
-            return f"its field {name!r} holds tools ({info.annotation!r}); GReaTer handles text fields only.{kept}"
-        if _mentions(info.annotation, (dspy.History,)):
-            return (f"its field {name!r} is a dspy.History (conversation turns); GReaTer handles text fields only."
-                    f"{kept}")
-    for name in [*signature.input_fields, *(k for k in signature.output_fields if k not in REASONING_FIELDS)]:
-        annotation = signature.fields[name].annotation
-        if not _is_text_type(annotation):
-            return (f"its field {name!r} has type {annotation!r}; GReaTer handles text fields only (str, int, float, "
-                    f"bool or Literal).{kept}")
-    return None
-
-
-def _check_label_space(extractor: Extractor, output: str, examples) -> None:
-    for i, e in enumerate(examples):
-        if not extractor.accepts(e[output]):
-            raise ValueError(
-                f"Example {i}: label {e[output]!r} for {output!r} is outside the answer space "
-                f"({', '.join(extractor.choices)}); fix the label or pass extractor=... to set the answer space."
-            )
-
-
 def _adapter_with(extractors: dict[str, Extractor]):
     """The configured adapter; a ``GReaTerAdapter`` also gets ``extractors`` for fields it has none for."""
     adapter = dspy.settings.adapter
@@ -951,12 +826,6 @@ def _plain(value):
     if callable(value):
         return getattr(value, "__name__", None) or type(value).__name__
     return str(value)
-
-
-def _is_text_type(annotation) -> bool:
-    if annotation in _SCALAR_TYPES:
-        return True
-    return typing.get_origin(annotation) is typing.Literal
 
 
 def _recording_failures(function, failures: list[Exception]):

@@ -32,7 +32,6 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-import dspy_greater.teleprompter as tp_module
 from dspy_greater import GReaTerTeleprompter
 from dspy_greater.adapter import GReaTerAdapter
 from dspy_greater.extractor import derive_extractor
