@@ -278,7 +278,7 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
             if str(old.get("target")).split(" (")[0] != args.target_name.split(" (")[0]:  # the model, not the client
                 raise SystemExit(f"{path} was run on target {old.get('target')!r}, not {args.target_name!r}: "
                                  f"give each target its own --out folder (the default does so).")
-            if old.get("status") == "ok" or not args.retry_failed:
+            if is_done(task, seed, method, args.retry_failed):
                 print(f"[{label} seed {seed}] {method}: done before ({old.get('status')}), skipped", flush=True)
                 if bar is not None:
                     bar.update(1)
