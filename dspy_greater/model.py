@@ -7,13 +7,16 @@ proposal needs, never over the whole sequence.
 Within one search step every sequence of an example shares its beginning: the inputs and the
 instruction up to the edited position. :meth:`OptimizerLM.prefill` runs that prefix once, returns
 the next-token distribution the proposals need, and keeps its key/value cache, so the gradient pass
-and every finalist's scoring only run the rest of the sequence.
+and every finalist's scoring only run the rest of the sequence. An example's inputs (the part of
+the prefix before the instruction) are the same in every step, so their cache is also kept across
+steps, in a least-recently-used store of bounded size, and a step only runs the instruction part.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,6 +53,18 @@ class _PrefixChunk:
     lengths: list[int]
 
 
+@dataclass(frozen=True)
+class _ContextState:
+    """One example's inputs run once: its key/value cache (batch of one) and last hidden state."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    last_hidden: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers) + self.last_hidden.nbytes
+
+
 @dataclass
 class Prefix:
     """Token prefixes run once and kept as a key/value cache (see :meth:`OptimizerLM.prefill`).
@@ -83,6 +98,8 @@ class OptimizerLM:
         generator: Generates instead of ``model.generate`` when set, e.g. a
             :class:`~dspy_greater.generation.CompletionServerGenerator` serving the same weights;
             called as ``generator(prompts, max_new_tokens=, temperature=, top_p=)``.
+        context_cache_mb: Memory (on the model's device) for the inputs' key/value caches kept
+            across :meth:`prefill` calls; least recently used entries go first. ``0`` turns it off.
     """
 
     def __init__(
@@ -91,6 +108,7 @@ class OptimizerLM:
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 8,
         generator: Callable[..., list[list[int]]] | None = None,
+        context_cache_mb: float = 512,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token.")
@@ -105,6 +123,9 @@ class OptimizerLM:
         self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
         self._masks: dict[str, torch.Tensor] = {}
+        self.context_cache_bytes = int(context_cache_mb * 2**20)
+        self._contexts: OrderedDict[tuple[int, ...], _ContextState] = OrderedDict()
+        self._context_bytes = 0
         forward_args = inspect.signature(model.base_model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"  # renamed in transformers 5
 
@@ -161,9 +182,13 @@ class OptimizerLM:
 
     def _hidden(self, mask: torch.Tensor, *, ids=None, embeds=None, prefix: _PrefixChunk | None = None) -> torch.Tensor:
         """Last hidden states; with ``prefix`` the rows continue its cached prefixes."""
+        return self._forward(mask, ids=ids, embeds=embeds, prefix=prefix)[0]
+
+    def _forward(self, mask: torch.Tensor, *, ids=None, embeds=None, prefix: _PrefixChunk | None = None):
+        """``(last hidden states, key/value layers)``; the layers are ``None`` without ``prefix``."""
         if prefix is None:
             out = self.model.base_model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-            return out.last_hidden_state
+            return out.last_hidden_state, None
         width = mask.shape[1]
         offsets = torch.tensor(prefix.lengths, device=self.device)[:, None]
         positions = offsets + torch.arange(width, device=self.device)[None, :]
@@ -173,7 +198,7 @@ class OptimizerLM:
             input_ids=ids, inputs_embeds=embeds, attention_mask=torch.cat([prefix.mask, mask], dim=1),
             position_ids=positions, use_cache=True, **{self._cache_arg: cache},
         )
-        return out.last_hidden_state
+        return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden).float()
@@ -202,28 +227,92 @@ class OptimizerLM:
     def prefill(self, prefixes: list[list[int]], instruction_starts: list[int]) -> Prefix:
         """Run each prefix once; keep its cache, next-token distribution and instruction log-likelihood.
 
+        The part of each prefix before its instruction is taken from (or added to) the store of
+        inputs kept across calls (see ``context_cache_mb``), so only the instruction part runs.
+
         Args:
             prefixes: Token ids, each non-empty (a sequence's beginning up to the edited position).
             instruction_starts: Index of the first instruction token within each prefix.
         """
         if any(not p for p in prefixes):
             raise ValueError("Every prefix must hold at least one token.")
+        reuse = self.context_cache_bytes > 0 and all(start >= 1 for start in instruction_starts)
         next_rows, instruction_logprob, chunks = [], [], []
         for chunk, starts in zip(self._chunks(prefixes), self._chunks(instruction_starts)):
-            ids, mask = self._right_padded(chunk)
-            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            layers = [(layer.keys, layer.values) for layer in cache.layers]
-            chunks.append(_PrefixChunk(layers, mask, [len(p) for p in chunk]))
-            for row, (prefix, start) in enumerate(zip(chunk, starts)):
-                first = max(start, 1)
-                positions = torch.arange(first - 1, len(prefix), device=self.device)
-                logprobs = torch.log_softmax(self._logits(out.last_hidden_state[row, positions]), dim=-1)
+            if reuse:
+                hidden_rows, prefix_chunk = self._prefill_after_contexts(chunk, starts)
+            else:
+                ids, mask = self._right_padded(chunk)
+                out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
+                cache = getattr(out, "cache", None) or out.past_key_values
+                prefix_chunk = _PrefixChunk([(layer.keys, layer.values) for layer in cache.layers], mask,
+                                            [len(p) for p in chunk])
+                hidden_rows = [out.last_hidden_state[row, max(start, 1) - 1 : len(prefix)]
+                               for row, (prefix, start) in enumerate(zip(chunk, starts))]
+            chunks.append(prefix_chunk)
+            for prefix, start, hidden in zip(chunk, starts, hidden_rows):
+                # hidden[i] predicts prefix[first + i]: the instruction tokens, then the edited position.
+                logprobs = torch.log_softmax(self._logits(hidden), dim=-1)
                 next_rows.append(logprobs[-1].cpu())
-                targets = torch.tensor(prefix[first:], dtype=torch.long, device=self.device)
+                targets = torch.tensor(prefix[max(start, 1) :], dtype=torch.long, device=self.device)
                 inside = logprobs[:-1].gather(1, targets[:, None]).sum() if len(targets) else torch.zeros(())
                 instruction_logprob.append((float(inside), len(targets)))
         return Prefix([list(p) for p in prefixes], torch.stack(next_rows), instruction_logprob, chunks, self.batch_size)
+
+    def _prefill_after_contexts(self, chunk: list[list[int]], starts: list[int]) -> tuple[list[torch.Tensor], _PrefixChunk]:
+        """One prefill batch whose inputs (``prefix[:start]``, each non-empty) come from the store."""
+        contexts = [tuple(prefix[:start]) for prefix, start in zip(chunk, starts)]
+        states = self._context_states(contexts)
+        width = max(len(c) for c in contexts)
+        layers = [
+            tuple(torch.cat([F.pad(state.layers[i][kv], (0, 0, 0, width - len(c))) for state, c in zip(states, contexts)])
+                  for kv in (0, 1))
+            for i in range(len(states[0].layers))
+        ]
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+        for row, context in enumerate(contexts):
+            mask[row, : len(context)] = 1
+        inputs = _PrefixChunk(layers, mask, [len(c) for c in contexts])
+        tails = [prefix[start:] for prefix, start in zip(chunk, starts)]
+        if not any(tails):
+            return [state.last_hidden[None] for state in states], inputs
+        ids, tail_mask = self._right_padded([t or [self.pad_id] for t in tails])
+        tail_mask[[row for row, t in enumerate(tails) if not t]] = 0
+        hidden, layers = self._forward(tail_mask, ids=ids, prefix=inputs)
+        rows = [torch.cat([state.last_hidden[None], hidden[row, : len(t)]]) for row, (state, t) in enumerate(zip(states, tails))]
+        return rows, _PrefixChunk(layers, torch.cat([mask, tail_mask], dim=1), [len(p) for p in chunk])
+
+    def _context_states(self, contexts: list[tuple[int, ...]]) -> list[_ContextState]:
+        """Each context's cache and last hidden state: from the store, or run now (batched) and stored."""
+        found = {c: self._contexts[c] for c in contexts if c in self._contexts}
+        for c in found:
+            self._contexts.move_to_end(c)
+        missing = [c for c in dict.fromkeys(contexts) if c not in found]
+        for batch in self._chunks(missing):
+            ids, mask = self._right_padded([list(c) for c in batch])
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            for row, context in enumerate(batch):
+                n = len(context)
+                layers = [(layer.keys[row : row + 1, :, :n].clone(), layer.values[row : row + 1, :, :n].clone())
+                          for layer in cache.layers]
+                found[context] = state = _ContextState(layers, out.last_hidden_state[row, n - 1].clone())
+                self._remember(context, state)
+        return [found[c] for c in contexts]
+
+    def _remember(self, context: tuple[int, ...], state: _ContextState) -> None:
+        if state.nbytes > self.context_cache_bytes:
+            return
+        self._contexts[context] = state
+        self._context_bytes += state.nbytes
+        while self._context_bytes > self.context_cache_bytes:
+            _, dropped = self._contexts.popitem(last=False)
+            self._context_bytes -= dropped.nbytes
+
+    def clear_context_cache(self) -> None:
+        """Drop the inputs' caches kept across :meth:`prefill` calls (e.g. to free memory)."""
+        self._contexts.clear()
+        self._context_bytes = 0
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -256,15 +345,22 @@ class OptimizerLM:
                 mask[row, width - len(prompt) :] = 1
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
                 "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            out = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.stop_ids) or None,
-                **({"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}),
-                **sampling,
-            )
+            # generate() hands the output layer a strided view of the last position; on CPU a
+            # bfloat16 matmul then copies the whole output matrix per row (~0.4 s per call here).
+            hook = self.model.get_output_embeddings().register_forward_pre_hook(
+                lambda module, args: (args[0].contiguous(), *args[1:]))
+            try:
+                out = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=sorted(self.stop_ids) or None,
+                    **({"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}),
+                    **sampling,
+                )
+            finally:
+                hook.remove()
             results.extend(self._finish_row(row, stop_strings) for row in out[:, width:].tolist())
         return results
 

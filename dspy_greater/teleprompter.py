@@ -614,7 +614,7 @@ class GReaTerTeleprompter(Teleprompter):
             logger.info("Tokenizer has no pad token; using its eos token %r as pad token.", tokenizer.eos_token)
         model.requires_grad_(False)
         self._lm = OptimizerLM(model.eval(), tokenizer, batch_size=self.config.model_batch_size,
-                               generator=self._generator(tokenizer))
+                               context_cache_mb=self.config.inputs_cache_mb, generator=self._generator(tokenizer))
         return self
 
     def get_params(self) -> dict:
@@ -703,6 +703,7 @@ class GReaTerTeleprompter(Teleprompter):
                 served = check_generation_server(self.generation_server, self.generation_model)
             model, tokenizer = load_optimizer_model(self.model_spec)
             self._lm = OptimizerLM(model, tokenizer, batch_size=self.config.model_batch_size,
+                                   context_cache_mb=self.config.inputs_cache_mb,
                                    generator=self._generator(tokenizer, served))
         return self._lm
 

@@ -307,6 +307,7 @@ def test_generate_batched_equals_alone_and_stops_at_eos(optimizer, lm):
     # The first prompt's answer ends (EOS) well before the budget; the long one uses all of it.
     assert len(batched[0]) < max_new
     assert len(batched[1]) == max_new
+    assert not lm.model.get_output_embeddings()._forward_pre_hooks  # generate() leaves no hook behind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +393,67 @@ def test_one_hot_gradient_with_prefix_equals_full_pass(lm_small_batches, task, l
     assert [s.correct for s in cached_scores] == [s.correct for s in full_scores]
     for a, b in zip(cached_scores, full_scores):
         assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+
+
+def _forward_widths(model: OptimizerLM):
+    """Records the width of every input the model's base runs (a forward pre-hook; remove it after)."""
+    widths = []
+    def record(module, args, kwargs):
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        widths.append(inputs.shape[1])
+    return widths, model.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def _assert_same_prefix(a, b):
+    torch.testing.assert_close(a.next_logprobs, b.next_logprobs, rtol=0, atol=2e-4)
+    for (sum_a, n_a), (sum_b, n_b) in zip(a.instruction_logprob, b.instruction_logprob):
+        assert n_a == n_b
+        assert sum_a == pytest.approx(sum_b, abs=2e-4)
+
+
+@pytest.mark.parametrize("position", [0, 2, 4])
+def test_stored_inputs_change_nothing_but_the_cost(optimizer, task, position):
+    """Prefixes built on stored inputs (first call: stored, second: reused) equal plain prefills, and
+    the second call runs only the instruction part; scores over them equal full forwards."""
+    model, tokenizer = optimizer
+    plain_lm = OptimizerLM(model, tokenizer, batch_size=2, context_cache_mb=0)
+    stored_lm = OptimizerLM(model, tokenizer, batch_size=2)
+    seqs = task["seqs"]
+    plain = _prefix_of(plain_lm, seqs, position)
+    first = _prefix_of(stored_lm, seqs, position)
+    widths, hook = _forward_widths(stored_lm)
+    try:
+        second = _prefix_of(stored_lm, seqs, position)
+    finally:
+        hook.remove()
+    assert len(stored_lm._contexts) == NUM_EXAMPLES
+    assert widths == ([position, position] if position else [])  # two batches of the instruction part only
+    for prefix in (first, second):
+        _assert_same_prefix(prefix, plain)
+        cached = stored_lm.score(seqs, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix)
+        full = plain_lm.score(seqs, answer_temperature=ANSWER_TEMPERATURE)
+        for a, b in zip(cached, full):
+            assert a.correct == b.correct
+            assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
+            assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+
+
+def test_stored_inputs_with_uneven_instruction_parts_and_a_small_budget(optimizer, task):
+    """Rows whose instruction parts differ in length (one empty) in one batch; a budget that holds
+    one example's inputs keeps at most that much and still gives the plain prefill's numbers."""
+    model, tokenizer = optimizer
+    seqs = task["seqs"]
+    cut = [s.ids[: s.instruction_start + n] for s, n in zip(seqs, (0, 3, 1))]
+    starts = [s.instruction_start for s in seqs]
+    plain = OptimizerLM(model, tokenizer, batch_size=8, context_cache_mb=0).prefill(cut, starts)
+    one_fits = OptimizerLM(model, tokenizer, batch_size=8)
+    one_fits.prefill(cut[:1], starts[:1])
+    one_fits.context_cache_bytes = one_fits._context_bytes  # room for exactly the first example's inputs
+    _assert_same_prefix(one_fits.prefill(cut, starts), plain)
+    assert 1 <= len(one_fits._contexts) < NUM_EXAMPLES
+    assert one_fits._context_bytes <= one_fits.context_cache_bytes
+    one_fits.clear_context_cache()
+    assert not one_fits._contexts and one_fits._context_bytes == 0
 
 
 def test_prefix_must_match_the_sequences(lm, task):

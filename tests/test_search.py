@@ -85,6 +85,8 @@ def test_intersect_subset_size_larger_than_number_of_sets():
         {"finalist_scoring": "x"},
         {"allowed_tokens": "emoji"},
         {"finalist_key": "accuracy"},
+        {"inputs_cache_mb": -1},
+        {"inputs_cache_mb": "lots"},
     ],
 )
 def test_config_rejects_bad_values(bad):

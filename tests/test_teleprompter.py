@@ -61,6 +61,13 @@ def test_results_are_plain_json_data(compiled):
     assert [name for name, _ in optimized.named_predictors()] == ["predict"]
 
 
+def test_the_inputs_store_budget_reaches_the_model_and_the_compile_uses_it(optimizer, teleprompter, compiled):
+    assert teleprompter._lm.context_cache_bytes == 512 * 2**20
+    assert teleprompter._lm._contexts  # the compile's steps stored their examples' inputs
+    off = GReaTerTeleprompter(metric=exact_match, inputs_cache_mb=0, **SMALL).use_loaded_model(*optimizer)
+    assert off._lm.context_cache_bytes == 0
+
+
 def test_save_load_round_trip(compiled, tmp_path):
     _, _, optimized = compiled
     path = tmp_path / "program.json"
