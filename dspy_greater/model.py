@@ -325,18 +325,25 @@ class OptimizerLM:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop_strings: list[str] | None = None,
+        context_lengths: list[int] | None = None,
     ) -> list[list[int]]:
         """Continue each prompt; returns the new tokens up to (not including) the first stop token.
 
         ``temperature == 0`` is greedy decoding. With ``stop_strings``, a row also stops once its
         text contains one of them; its tokens then end with the token that completed the first
         one (the caller cuts the text).
+
+        Args:
+            context_lengths: Per prompt, how many leading tokens are an example's inputs (as in
+                :meth:`prefill`). Their key/value cache then comes from the store kept across calls
+                (and is added to it), for every batch whose prompts are equally long after them.
         """
         if self.generator is not None:
             rows = self.generator(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             return [self._finish_row(row, stop_strings) for row in rows]
         results: list[list[int]] = []
-        for chunk in self._chunks(prompts):
+        lengths = self._chunks(context_lengths) if context_lengths is not None else [None] * len(self._chunks(prompts))
+        for chunk, chunk_lengths in zip(self._chunks(prompts), lengths):
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -357,12 +364,30 @@ class OptimizerLM:
                     pad_token_id=self.pad_id,
                     eos_token_id=sorted(self.stop_ids) or None,
                     **({"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}),
+                    **self._stored_generation_cache(chunk, chunk_lengths),
                     **sampling,
                 )
             finally:
                 hook.remove()
             results.extend(self._finish_row(row, stop_strings) for row in out[:, width:].tolist())
         return results
+
+    def _stored_generation_cache(self, chunk: list[list[int]], context_lengths: list[int] | None) -> dict:
+        """``{cache argument: ...}`` holding the stored inputs of a left-padded generation batch,
+        or ``{}`` when there is no store or the inputs do not end in the same column."""
+        if not context_lengths or not self.context_cache_bytes or min(context_lengths) < 1:
+            return {}
+        if len({len(p) - n for p, n in zip(chunk, context_lengths)}) != 1:
+            return {}
+        contexts = [tuple(p[:n]) for p, n in zip(chunk, context_lengths)]
+        states = self._context_states(contexts)
+        width = max(context_lengths)
+        layers = [
+            tuple(torch.cat([F.pad(state.layers[i][kv], (0, 0, width - len(c), 0)) for state, c in zip(states, contexts)])
+                  for kv in (0, 1))
+            for i in range(len(states[0].layers))
+        ]
+        return {self._cache_arg: DynamicCache(ddp_cache_data=layers, config=self.model.config)}
 
     def _finish_row(self, row: list[int], stop_strings: list[str] | None) -> list[int]:
         """A generated row up to (not including) its first stop token, then cut at a stop string."""

@@ -271,11 +271,12 @@ class GreaterSearch:
         key = tuple(instruction)
         missing = [ex for ex in dict.fromkeys(examples) if (ex.inputs_text, key) not in self._reasoning]
         if missing:
-            prompts = [self.layout.prompt(ex.inputs_text, instruction).ids for ex in missing]
+            prompts = [self.layout.prompt(ex.inputs_text, instruction) for ex in missing]
             stops = {"stop_strings": list(self.layout.stop_strings)} if self.layout.stop_strings else {}
+            stored = {"context_lengths": [p.instruction_start for p in prompts]} if self.config.prefix_cache else {}
             outputs = self.lm.generate(
-                prompts, max_new_tokens=self.config.max_reasoning_tokens, temperature=self.config.reasoning_temperature,
-                **stops,
+                [p.ids for p in prompts], max_new_tokens=self.config.max_reasoning_tokens,
+                temperature=self.config.reasoning_temperature, **stops, **stored,
             )
             for ex, out in zip(missing, outputs):
                 self._reasoning[(ex.inputs_text, key)] = self.layout.finish_reasoning(out)

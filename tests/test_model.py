@@ -456,6 +456,30 @@ def test_stored_inputs_with_uneven_instruction_parts_and_a_small_budget(optimize
     assert not one_fits._contexts and one_fits._context_bytes == 0
 
 
+def test_generation_on_stored_inputs_equals_plain_generation(optimizer, layout, task):
+    """Greedy reasoning is the same token for token when the inputs' cache comes from the store, and
+    then only the instruction and what follows it is prefilled; prompts whose parts after the
+    inputs differ in length fall back to a full prefill."""
+    model, tokenizer = optimizer
+    plain_lm = OptimizerLM(model, tokenizer, batch_size=8, context_cache_mb=0)
+    stored_lm = OptimizerLM(model, tokenizer, batch_size=8)
+    prompts = [layout.prompt(e.question, task["instruction"]) for e in task["examples"]]
+    ids, lengths = [p.ids for p in prompts], [p.instruction_start for p in prompts]
+    plain = plain_lm.generate(ids, max_new_tokens=12)
+    assert stored_lm.generate(ids, max_new_tokens=12, context_lengths=lengths) == plain
+    widths, hook = _forward_widths(stored_lm)
+    try:
+        again = stored_lm.generate(ids, max_new_tokens=12, context_lengths=lengths)
+    finally:
+        hook.remove()
+    assert again == plain
+    assert widths[0] == len(ids[0]) - lengths[0]  # the prefill ran the instruction and what follows only
+    uneven = [layout.prompt(e.question, task["instruction"][: 2 + i]) for i, e in enumerate(task["examples"])]
+    assert stored_lm.generate([p.ids for p in uneven], max_new_tokens=12,
+                              context_lengths=[p.instruction_start for p in uneven]) == plain_lm.generate(
+        [p.ids for p in uneven], max_new_tokens=12)
+
+
 def test_prefix_must_match_the_sequences(lm, task):
     seqs = task["seqs"]
     position = len(task["instruction"]) - 1
