@@ -264,11 +264,7 @@ class OptimizerLM:
         contexts = [tuple(prefix[:start]) for prefix, start in zip(chunk, starts)]
         states = self._context_states(contexts)
         width = max(len(c) for c in contexts)
-        layers = [
-            tuple(torch.cat([F.pad(state.layers[i][kv], (0, 0, 0, width - len(c))) for state, c in zip(states, contexts)])
-                  for kv in (0, 1))
-            for i in range(len(states[0].layers))
-        ]
+        layers = self._stacked(states, width, left_padded=False)
         mask = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
         for row, context in enumerate(contexts):
             mask[row, : len(context)] = 1
@@ -299,6 +295,15 @@ class OptimizerLM:
                 found[context] = state = _ContextState(layers, out.last_hidden_state[row, n - 1].clone())
                 self._remember(context, state)
         return [found[c] for c in contexts]
+
+    @staticmethod
+    def _stacked(states: list[_ContextState], width: int, *, left_padded: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The states' key/value layers as one batch, each row padded to ``width`` positions."""
+        def padded(tensor: torch.Tensor) -> torch.Tensor:
+            gap = width - tensor.shape[-2]
+            return F.pad(tensor, (0, 0, gap, 0) if left_padded else (0, 0, 0, gap))
+        return [tuple(torch.cat([padded(state.layers[i][kv]) for state in states]) for kv in (0, 1))
+                for i in range(len(states[0].layers))]
 
     def _remember(self, context: tuple[int, ...], state: _ContextState) -> None:
         if state.nbytes > self.context_cache_bytes:
@@ -380,13 +385,7 @@ class OptimizerLM:
         if len({len(p) - n for p, n in zip(chunk, context_lengths)}) != 1:
             return {}
         contexts = [tuple(p[:n]) for p, n in zip(chunk, context_lengths)]
-        states = self._context_states(contexts)
-        width = max(context_lengths)
-        layers = [
-            tuple(torch.cat([F.pad(state.layers[i][kv], (0, 0, width - len(c), 0)) for state, c in zip(states, contexts)])
-                  for kv in (0, 1))
-            for i in range(len(states[0].layers))
-        ]
+        layers = self._stacked(self._context_states(contexts), max(context_lengths), left_padded=True)
         return {self._cache_arg: DynamicCache(ddp_cache_data=layers, config=self.model.config)}
 
     def _finish_row(self, row: list[int], stop_strings: list[str] | None) -> list[int]:
