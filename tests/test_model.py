@@ -350,6 +350,15 @@ def _prefix_of(model: OptimizerLM, seqs: list[Sequence], position: int):
     return model.prefill(cut, [s.instruction_start for s in seqs])
 
 
+def _assert_scores_match_full_forward(model: OptimizerLM, reference: OptimizerLM, seqs, prefix):
+    cached = model.score(seqs, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix)
+    full = reference.score(seqs, answer_temperature=ANSWER_TEMPERATURE)
+    for a, b in zip(cached, full):
+        assert a.correct == b.correct
+        assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
+        assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+
+
 @pytest.mark.parametrize("position_from_end", [1, 4])
 def test_prefill_gives_the_proposal_distribution(lm, task, position_from_end):
     position = len(task["instruction"]) - position_from_end
@@ -367,12 +376,7 @@ def test_score_with_prefix_equals_full_forward(request, task, candidates, model_
     for token in cands[:3] + cands[-1:]:
         seqs = task["build"]([*instruction[:position], token, *instruction[position + 1 :]])
         prefix = _prefix_of(model, seqs, position)
-        cached = model.score(seqs, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix)
-        full = model.score(seqs, answer_temperature=ANSWER_TEMPERATURE)
-        for a, b in zip(cached, full):
-            assert a.correct == b.correct
-            assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
-            assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+        _assert_scores_match_full_forward(model, model, seqs, prefix)
 
 
 @pytest.mark.parametrize("position_from_end", [1, 3])
@@ -430,12 +434,7 @@ def test_stored_inputs_change_nothing_but_the_cost(optimizer, task, position):
     assert widths == ([position, position] if position else [])  # two batches of the instruction part only
     for prefix in (first, second):
         _assert_same_prefix(prefix, plain)
-        cached = stored_lm.score(seqs, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix)
-        full = plain_lm.score(seqs, answer_temperature=ANSWER_TEMPERATURE)
-        for a, b in zip(cached, full):
-            assert a.correct == b.correct
-            assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
-            assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+        _assert_scores_match_full_forward(stored_lm, plain_lm, seqs, prefix)
 
 
 def test_stored_inputs_with_uneven_instruction_parts_and_a_small_budget(optimizer, task):
