@@ -306,7 +306,8 @@ class GreaterSearch:
         Args:
             prefix: The examples' cached prefixes up to ``position`` (their next-token
                 distributions are the proposals' when the layout proposes from the scoring prefix);
-                otherwise the layout's ``proposal_context`` is run here.
+                otherwise the layout's ``proposal_context`` is run here (its inputs from the store
+                with ``prefix_cache``).
 
         Returns candidates ordered by summed log-probability over the examples (most likely first).
         """
@@ -314,7 +315,10 @@ class GreaterSearch:
             logprobs = prefix.next_logprobs
         else:
             contexts = [self.layout.proposal_context(ex.inputs_text, instruction[:position]) for ex in examples]
-            logprobs = self.lm.next_token_logprobs(contexts)
+            if self.config.prefix_cache:  # each example's inputs come from the store kept across steps
+                logprobs = self.lm.prefill(contexts, [len(c) - position for c in contexts]).next_logprobs
+            else:
+                logprobs = self.lm.next_token_logprobs(contexts)
         allowed = self._allowed.clone()
         if position > 0:
             allowed[instruction[position - 1]] = False

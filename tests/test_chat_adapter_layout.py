@@ -232,6 +232,9 @@ def test_proposals_differ_by_example_in_the_chat_layout(lm, chat):
     got = search.propose(instruction, 2, examples, random.Random(0), prefix)
     again = search.propose(instruction, 2, examples, random.Random(0), None)
     assert got == again  # with or without the scoring prefix: proposals come from proposal_context
+    plain = GreaterSearch(lm, chat, extractor, GreaterConfig(topk=5, intersect_q=1, intersect_size=1,
+                                                             min_candidates=1, prefix_cache=False))
+    assert plain.propose(instruction, 2, examples, random.Random(0), None) == got  # stored inputs or not
 
 
 # -- a tiny search and the teleprompter option ---------------------------------------------------------
