@@ -379,10 +379,11 @@ class OptimizerLM:
 
     def _stored_generation_cache(self, chunk: list[list[int]], context_lengths: list[int] | None) -> dict:
         """``{cache argument: ...}`` holding the stored inputs of a left-padded generation batch,
-        or ``{}`` when there is no store or the inputs do not end in the same column."""
+        or ``{}`` when there is no store or the inputs do not end in the same column (or end the prompts)."""
         if not context_lengths or not self.context_cache_bytes or min(context_lengths) < 1:
             return {}
-        if len({len(p) - n for p, n in zip(chunk, context_lengths)}) != 1:
+        after = {len(p) - n for p, n in zip(chunk, context_lengths)}
+        if len(after) != 1 or min(after) < 1:  # generate() must have at least one new token to prefill
             return {}
         contexts = [tuple(p[:n]) for p, n in zip(chunk, context_lengths)]
         layers = self._stacked(self._context_states(contexts), max(context_lengths), left_padded=True)

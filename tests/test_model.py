@@ -477,6 +477,8 @@ def test_generation_on_stored_inputs_equals_plain_generation(optimizer, layout, 
     assert stored_lm.generate([p.ids for p in uneven], max_new_tokens=12,
                               context_lengths=[p.instruction_start for p in uneven]) == plain_lm.generate(
         [p.ids for p in uneven], max_new_tokens=12)
+    whole = [len(ids[0])]  # inputs that are the whole prompt: nothing left to prefill, so no store
+    assert stored_lm.generate(ids[:1], max_new_tokens=4, context_lengths=whole) == plain_lm.generate(ids[:1], max_new_tokens=4)
 
 
 def test_prefix_must_match_the_sequences(lm, task):
