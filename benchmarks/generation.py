@@ -38,12 +38,8 @@ REPEATS = 3
 
 
 def plain_generate(lm: OptimizerLM, prompts: list[list[int]], tokens: int) -> list[list[int]]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), lm.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = lm._left_padded(prompts)
+    width = ids.shape[1]
     with torch.no_grad():
         out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, pad_token_id=lm.pad_id,
                                 eos_token_id=sorted(lm.stop_ids), do_sample=False, temperature=None, top_p=None, top_k=None)

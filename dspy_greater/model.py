@@ -15,6 +15,7 @@ steps, in a least-recently-used store of bounded size, and a step only runs the 
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -180,6 +181,21 @@ class OptimizerLM:
             mask[row, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _run_cached(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """``(last hidden states, key/value layers)`` of a fresh forward pass."""
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
+
     def _hidden(self, mask: torch.Tensor, *, ids=None, embeds=None, prefix: _PrefixChunk | None = None) -> torch.Tensor:
         """Last hidden states; with ``prefix`` the rows continue its cached prefixes."""
         return self._forward(mask, ids=ids, embeds=embeds, prefix=prefix)[0]
@@ -243,11 +259,9 @@ class OptimizerLM:
                 hidden_rows, prefix_chunk = self._prefill_after_contexts(chunk, starts)
             else:
                 ids, mask = self._right_padded(chunk)
-                out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
-                cache = getattr(out, "cache", None) or out.past_key_values
-                prefix_chunk = _PrefixChunk([(layer.keys, layer.values) for layer in cache.layers], mask,
-                                            [len(p) for p in chunk])
-                hidden_rows = [out.last_hidden_state[row, max(start, 1) - 1 : len(prefix)]
+                hidden, layers = self._run_cached(ids, mask)
+                prefix_chunk = _PrefixChunk(layers, mask, [len(p) for p in chunk])
+                hidden_rows = [hidden[row, max(start, 1) - 1 : len(prefix)]
                                for row, (prefix, start) in enumerate(zip(chunk, starts))]
             chunks.append(prefix_chunk)
             for prefix, start, hidden in zip(chunk, starts, hidden_rows):
@@ -285,14 +299,11 @@ class OptimizerLM:
             self._contexts.move_to_end(c)
         missing = [c for c in dict.fromkeys(contexts) if c not in found]
         for batch in self._chunks(missing):
-            ids, mask = self._right_padded([list(c) for c in batch])
-            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
+            hidden, layers = self._run_cached(*self._right_padded([list(c) for c in batch]))
             for row, context in enumerate(batch):
                 n = len(context)
-                layers = [(layer.keys[row : row + 1, :, :n].clone(), layer.values[row : row + 1, :, :n].clone())
-                          for layer in cache.layers]
-                found[context] = state = _ContextState(layers, out.last_hidden_state[row, n - 1].clone())
+                own = [(k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone()) for k, v in layers]
+                found[context] = state = _ContextState(own, hidden[row, n - 1].clone())
                 self._remember(context, state)
         return [found[c] for c in contexts]
 
@@ -346,35 +357,26 @@ class OptimizerLM:
         if self.generator is not None:
             rows = self.generator(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             return [self._finish_row(row, stop_strings) for row in rows]
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        stops = {"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}
+        lengths = self._chunks(context_lengths) if context_lengths is not None else itertools.repeat(None)
         results: list[list[int]] = []
-        lengths = self._chunks(context_lengths) if context_lengths is not None else [None] * len(self._chunks(prompts))
-        for chunk, chunk_lengths in zip(self._chunks(prompts), lengths):
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, prompt in enumerate(chunk):
-                ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-                mask[row, width - len(prompt) :] = 1
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            # generate() hands the output layer a strided view of the last position; on CPU a
-            # bfloat16 matmul then copies the whole output matrix per row (~0.4 s per call here).
-            hook = self.model.get_output_embeddings().register_forward_pre_hook(
-                lambda module, args: (args[0].contiguous(), *args[1:]))
-            try:
+        # generate() hands the output layer a strided view of the last position; on CPU a
+        # bfloat16 matmul then copies the whole output matrix per row (~0.4 s per call here).
+        hook = self.model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: (args[0].contiguous(), *args[1:]))
+        try:
+            for chunk, chunk_lengths in zip(self._chunks(prompts), lengths):
+                ids, mask = self._left_padded(chunk)
                 out = self.model.generate(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=self.pad_id,
-                    eos_token_id=sorted(self.stop_ids) or None,
-                    **({"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}),
-                    **self._stored_generation_cache(chunk, chunk_lengths),
-                    **sampling,
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                    eos_token_id=sorted(self.stop_ids) or None, **stops,
+                    **self._stored_generation_cache(chunk, chunk_lengths), **sampling,
                 )
-            finally:
-                hook.remove()
-            results.extend(self._finish_row(row, stop_strings) for row in out[:, width:].tolist())
+                results.extend(self._finish_row(row, stop_strings) for row in out[:, ids.shape[1] :].tolist())
+        finally:
+            hook.remove()
         return results
 
     def _stored_generation_cache(self, chunk: list[list[int]], context_lengths: list[int] | None) -> dict:
