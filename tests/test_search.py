@@ -514,6 +514,37 @@ def test_out_of_memory_halves_the_model_batch_and_redoes_the_step(lm, layout, na
 
 
 @pytest.mark.slow
+def test_generation_batch_room_is_filled_from_the_pool(lm, layout, navigate, monkeypatch):
+    """Spare rows of a generation batch take pool examples, whose reasoning is what they get alone."""
+    extractor, nav = navigate
+    train, instruction = nav[:5], layout.encode("Think carefully")
+    batches = []
+    generate = lm.generate
+    monkeypatch.setattr(lm, "generate", lambda prompts, **kw: batches.append(len(prompts)) or generate(prompts, **kw))
+    monkeypatch.setattr(lm, "batch_size", 3)
+    search = _search(lm, layout, extractor, max_reasoning_tokens=12)
+
+    first = search.reasoning(instruction, train[:1], pool=train)
+    assert batches == [3]  # one row asked for, two more from the pool
+    assert {text for text, _ in search._reasoning} == {ex.inputs_text for ex in train[:3]}
+    stored = [search._reasoning[(ex.inputs_text, tuple(instruction))] for ex in train[1:3]]
+    assert search.reasoning(instruction, train[1:3], pool=train) == stored
+    assert batches == [3]  # nothing left to generate
+    search.reasoning(instruction, train[3:4], pool=train)
+    assert batches == [3, 2]  # the last two pool rows; none is generated twice
+
+    alone = _search(lm, layout, extractor, max_reasoning_tokens=12)
+    assert alone.reasoning(instruction, train[:1]) == first  # without a pool: just the row
+    assert [alone.reasoning(instruction, [ex])[0] for ex in train[1:]] == search.reasoning(instruction, train[1:])
+    assert batches == [3, 2, 1, 1, 1, 1, 1]
+
+    monkeypatch.setattr(lm, "generator", lambda prompts, **kw: [[] for _ in prompts])
+    served = _search(lm, layout, extractor, max_reasoning_tokens=12)
+    served.reasoning(instruction, train[:1], pool=train)
+    assert len(served._reasoning) == 1  # a server answers one request at a time: no spare rows
+
+
+@pytest.mark.slow
 def test_prefix_cache_changes_nothing_but_the_cost(lm, layout, navigate, main_run):
     """The main run (prefix cache on) again without the cache: same tokens, same losses and scores."""
     extractor, nav = navigate
