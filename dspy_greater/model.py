@@ -129,6 +129,9 @@ class OptimizerLM:
         self._context_bytes = 0
         forward_args = inspect.signature(model.base_model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"  # renamed in transformers 5
+        windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=model.config).layers]
+        #: The smallest sliding (or chunked) attention window of the model's layers; ``None`` if all attend fully.
+        self.attention_window: int | None = min((w for w in windows if w), default=None)
 
     @property
     def embedding_matrix(self) -> torch.Tensor:
@@ -189,6 +192,22 @@ class OptimizerLM:
             ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    def _cache_fits(self, slots: int) -> bool:
+        """Whether a batch whose cache spans ``slots`` positions may be built from kept caches.
+
+        A sliding-window layer's cache keeps only its last ``window - 1`` positions, and it measures
+        the window in cache slots, padding included; kept caches (prefixes, stored inputs) are
+        exact only while the whole batch stays inside the window, so past it the plain forward runs.
+        """
+        return self.attention_window is None or slots < self.attention_window
+
+    def _usable_prefix(self, prefix: Prefix | None, seqs: list[Sequence]) -> Prefix | None:
+        """``prefix``, or ``None`` when continuing it would outgrow an attention window."""
+        if prefix is None or self.attention_window is None:
+            return prefix
+        slots = max(c.mask.shape[1] for c in prefix.chunks) + max(len(s.ids) - len(p) for s, p in zip(seqs, prefix.ids))
+        return prefix if self._cache_fits(slots) else None
 
     def _run_cached(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list]:
         """``(last hidden states, key/value layers)`` of a fresh forward pass."""
@@ -252,7 +271,8 @@ class OptimizerLM:
         """
         if any(not p for p in prefixes):
             raise ValueError("Every prefix must hold at least one token.")
-        reuse = self.context_cache_bytes > 0 and all(start >= 1 for start in instruction_starts)
+        reuse = (self.context_cache_bytes > 0 and all(start >= 1 for start in instruction_starts)
+                 and self._cache_fits(max(instruction_starts) + max(len(p) - n for p, n in zip(prefixes, instruction_starts))))
         next_rows, instruction_logprob, chunks = [], [], []
         for chunk, starts in zip(self._chunks(prefixes), self._chunks(instruction_starts)):
             if reuse:
@@ -372,17 +392,20 @@ class OptimizerLM:
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                     eos_token_id=sorted(self.stop_ids) or None, **stops,
-                    **self._stored_generation_cache(chunk, chunk_lengths), **sampling,
+                    **self._stored_generation_cache(chunk, chunk_lengths, max_new_tokens), **sampling,
                 )
                 results.extend(self._finish_row(row, stop_strings) for row in out[:, ids.shape[1] :].tolist())
         finally:
             hook.remove()
         return results
 
-    def _stored_generation_cache(self, chunk: list[list[int]], context_lengths: list[int] | None) -> dict:
-        """``{cache argument: ...}`` holding the stored inputs of a left-padded generation batch,
-        or ``{}`` when there is no store or the inputs do not end in the same column (or end the prompts)."""
+    def _stored_generation_cache(self, chunk: list[list[int]], context_lengths: list[int] | None, max_new_tokens: int) -> dict:
+        """``{cache argument: ...}`` holding the stored inputs of a left-padded generation batch, or
+        ``{}`` when there is no store, the inputs do not end in the same column (or end the prompts),
+        or the batch would outgrow an attention window."""
         if not context_lengths or not self.context_cache_bytes or min(context_lengths) < 1:
+            return {}
+        if not self._cache_fits(max(len(p) for p in chunk) + max_new_tokens):
             return {}
         after = {len(p) - n for p, n in zip(chunk, context_lengths)}
         if len(after) != 1 or min(after) < 1:  # generate() must have at least one new token to prefill
@@ -481,6 +504,7 @@ class OptimizerLM:
         Args:
             prefix: Cached prefixes the sequences start with (one per sequence), from :meth:`prefill`.
         """
+        prefix = self._usable_prefix(prefix, seqs)
         scores = []
         for rows, chunk, prefix_chunk, tails in self._batches(seqs, prefix):
             ids, mask = self._right_padded(tails)
@@ -520,6 +544,7 @@ class OptimizerLM:
             raise ValueError("All sequences must hold the same current token, and it must be a candidate.")
         if prefix is not None and any(len(p) != s.instruction_start + position for s, p in zip(seqs, prefix.ids)):
             raise ValueError("The cached prefixes must end right before the edited position.")
+        prefix = self._usable_prefix(prefix, seqs)
         cand = torch.tensor(candidates, device=self.device)
         one_hot = torch.zeros(len(candidates), device=self.device, dtype=self.embedding_matrix.dtype)
         one_hot[candidates.index(next(iter(current)))] = 1.0

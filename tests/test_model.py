@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from dspy_greater.data import load_examples
 from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import Sequence
+from dspy_greater.layout import GreaterLayout, Sequence
+from dspy_greater.loading import ModelSpec, gemma3_270m_path, load_optimizer_model
 from dspy_greater.model import OptimizerLM
 
 pytestmark = pytest.mark.slow
@@ -492,3 +493,46 @@ def test_prefix_must_match_the_sequences(lm, task):
                             answer_temperature=ANSWER_TEMPERATURE, fluency_weight=0.0, prefix=prefix)
     with pytest.raises(ValueError, match="at least one token"):
         lm.prefill([[]], [0])
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """Gemma-3-270M (the embedded Q4_K_M GGUF, dequantized to float32): an optimizer model with sliding-window layers."""
+    return load_optimizer_model(ModelSpec(str(gemma3_270m_path())))
+
+
+@pytest.mark.parametrize("beyond_window", [False, True])
+def test_kept_caches_on_a_sliding_window_model(gemma, beyond_window):
+    """Gemma-3-270M has sliding-window layers (window 512). Prefixes, scores, gradients and greedy
+    tokens built on kept caches equal the plain ones; inputs longer than the window are not kept
+    (a sliding layer's cache drops its oldest positions), and the plain forward runs instead."""
+    model, tokenizer = gemma
+    plain_lm = OptimizerLM(model, tokenizer, batch_size=2, context_cache_mb=0)
+    stored_lm = OptimizerLM(model, tokenizer, batch_size=2)
+    window = stored_lm.attention_window
+    assert window == model.config.sliding_window == 512
+    layout = GreaterLayout(tokenizer)
+    steps = "Take one step forward. Turn around. "
+    per_repeat = len(layout.encode(steps * 2)) - len(layout.encode(steps))
+    repeats = window // per_repeat if beyond_window else 4
+    questions = [steps * (repeats + extra) + "Are you back?" for extra in (1, 3)]  # two lengths: padding
+    instruction, reasoning = layout.encode(INSTRUCTION), layout.encode(REASONING)
+    extractor, answer = layout.encode("\nSo the answer is"), layout.encode(" Yes")
+    seqs = [layout.full(q, instruction, reasoning, extractor, answer) for q in questions]
+    assert all((s.instruction_start > window) == beyond_window for s in seqs)
+    for position in (0, 2):
+        plain = _prefix_of(plain_lm, seqs, position)
+        for _ in range(2):  # first call stores the inputs, the second reuses them
+            prefix = _prefix_of(stored_lm, seqs, position)
+            _assert_same_prefix(prefix, plain)
+            _assert_scores_match_full_forward(stored_lm, plain_lm, seqs, prefix)
+        candidates = [instruction[position], *layout.encode(" Please read")]
+        grads = [lm.one_hot_gradient(seqs, position, candidates, answer_temperature=ANSWER_TEMPERATURE,
+                                     fluency_weight=0.2, prefix=p)
+                 for lm, p in ((plain_lm, None), (stored_lm, prefix))]
+        assert grads[0][0] == pytest.approx(grads[1][0], abs=2e-4)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-3, atol=2e-4)
+    assert len(stored_lm._contexts) == (0 if beyond_window else len(questions))
+    prompts = [layout.prompt(q, instruction) for q in questions]
+    ids, lengths = [p.ids for p in prompts], [p.instruction_start for p in prompts]
+    assert stored_lm.generate(ids, max_new_tokens=8, context_lengths=lengths) == plain_lm.generate(ids, max_new_tokens=8)
