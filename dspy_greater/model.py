@@ -38,11 +38,14 @@ class SequenceScore:
         answer_loss: Mean cross-entropy of the answer tokens (logits divided by the temperature).
         correct: Whether every answer token is the model's argmax.
         fluency: Mean negative log-likelihood of the instruction tokens.
+        choice_logits: Logits at the first answer position of the tokens passed to
+            :meth:`OptimizerLM.score` as ``choices`` (empty without them).
     """
 
     answer_loss: float
     correct: bool
     fluency: float
+    choice_logits: tuple[float, ...] = ()
 
 
 @dataclass
@@ -498,11 +501,16 @@ class OptimizerLM:
             start = rows[-1] + 1
 
     @torch.no_grad()
-    def score(self, seqs: list[Sequence], *, answer_temperature: float, prefix: Prefix | None = None) -> list[SequenceScore]:
+    def score(
+        self, seqs: list[Sequence], *, answer_temperature: float, prefix: Prefix | None = None,
+        choices: list[int] | None = None,
+    ) -> list[SequenceScore]:
         """Teacher-forced answer loss, correctness and instruction fluency for each sequence.
 
         Args:
             prefix: Cached prefixes the sequences start with (one per sequence), from :meth:`prefill`.
+            choices: Token ids whose logits at the first answer position each score should carry
+                (what the model would answer there, read from the same forward pass).
         """
         prefix = self._usable_prefix(prefix, seqs)
         scores = []
@@ -510,7 +518,13 @@ class OptimizerLM:
             ids, mask = self._right_padded(tails)
             hidden = self._hidden(mask, ids=ids, prefix=prefix_chunk)
             losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature, prefix=prefix, rows=rows)
-            scores += [SequenceScore(float(a), c, float(f)) for a, f, c in zip(losses, fluencies, correct)]
+            picked = [()] * len(chunk)
+            if choices:
+                offsets = [len(prefix.ids[r]) if prefix is not None else 0 for r in rows]
+                at = torch.tensor([s.answer_start - 1 - n for s, n in zip(chunk, offsets)], device=self.device)
+                logits = self._logits(hidden[torch.arange(len(chunk), device=self.device), at])
+                picked = [tuple(row) for row in logits[:, torch.tensor(choices, device=self.device)].tolist()]
+            scores += [SequenceScore(float(a), c, float(f), p) for a, f, c, p in zip(losses, fluencies, correct, picked)]
         return scores
 
     def one_hot_gradient(

@@ -380,17 +380,22 @@ class GreaterSearch:
         if not examples:
             return Evaluation([], [], math.nan)
         reasoning = self.reasoning(instruction, examples)
-        contexts = [self.layout.prompt(ex.inputs_text, instruction).ids + r + self.extractor_ids for ex, r in zip(examples, reasoning)]
         choices = list(self.extractor.choices)
         first_tokens = [self.answer_ids(c)[0] if self.answer_ids(c) else None for c in choices]
-        if choices and None not in first_tokens and len(set(first_tokens)) == len(first_tokens):
-            logprobs = self.lm.next_token_logprobs(contexts)[:, first_tokens]
-            predictions = [choices[i] for i in logprobs.argmax(-1).tolist()]
+        by_first_token = bool(choices) and None not in first_tokens and len(set(first_tokens)) == len(first_tokens)
+        # One forward pass gives the answer loss and, at the first answer position, the prediction;
+        # the inputs' cache comes from the store (position 0: the prefix is the inputs alone).
+        prefix = self.prefix(instruction, 0, examples) if self.config.prefix_cache else None
+        scores = self.lm.score(self.sequences(instruction, examples, reasoning), answer_temperature=self.config.answer_temperature,
+                               prefix=prefix, choices=first_tokens if by_first_token else None)
+        if by_first_token:
+            predictions = [choices[max(range(len(choices)), key=s.choice_logits.__getitem__)] for s in scores]
         else:
+            contexts = [self.layout.prompt(ex.inputs_text, instruction).ids + r + self.extractor_ids
+                        for ex, r in zip(examples, reasoning)]
             outputs = self.lm.generate(contexts, max_new_tokens=self.config.answer_tokens)
             predictions = [self.extractor.label_of(self.layout.tokenizer.decode(o)) for o in outputs]
-        loss = self.score_instruction(instruction, examples, reasoning)["answer_loss"]
-        return Evaluation(predictions, [ex.label for ex in examples], loss)
+        return Evaluation(predictions, [ex.label for ex in examples], self._summarize_scores(scores)["answer_loss"])
 
     # -- the loop ----------------------------------------------------------------------------------
 

@@ -357,9 +357,9 @@ def test_nan_finalist_score_is_never_chosen(lm, layout, monkeypatch):
     real = OptimizerLM.score
     poisoned = []
 
-    def nan_for_first_finalist(self, seqs, *, answer_temperature, prefix=None):
-        scores = real(self, seqs, answer_temperature=answer_temperature, prefix=prefix)
-        if prefix is not None and not poisoned:  # finalist scoring is the only call with a prefix
+    def nan_for_first_finalist(self, seqs, *, answer_temperature, prefix=None, choices=None):
+        scores = real(self, seqs, answer_temperature=answer_temperature, prefix=prefix, choices=choices)
+        if prefix is not None and choices is None and not poisoned:  # finalist scoring (evaluation asks for choices)
             poisoned.append(True)
             return [SequenceScore(math.nan, False, math.nan) for _ in scores]
         return scores

@@ -545,6 +545,28 @@ def test_generation_batch_room_is_filled_from_the_pool(lm, layout, navigate, mon
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_evaluate_reads_predictions_and_loss_from_one_pass(lm, layout, navigate, prefix_cache):
+    """Held-out predictions (the likelier answer's first token after the extractor) and the mean
+    answer loss come from one scoring pass; they equal a next-token pass plus a full scoring pass."""
+    extractor, nav = navigate
+    examples, instruction = nav[:5], layout.encode("Think carefully")
+    search = _search(lm, layout, extractor, max_reasoning_tokens=12, prefix_cache=prefix_cache)
+    evaluation = search.evaluate(instruction, examples)
+
+    reasoning = search.reasoning(instruction, examples)
+    contexts = [layout.prompt(ex.inputs_text, instruction).ids + r + search.extractor_ids
+                for ex, r in zip(examples, reasoning)]
+    choices = list(search.extractor.choices)
+    first_tokens = [search.answer_ids(c)[0] for c in choices]
+    expected = [choices[i] for i in lm.next_token_logprobs(contexts)[:, first_tokens].argmax(-1).tolist()]
+    assert list(evaluation.predictions) == expected
+    assert evaluation.labels == [ex.label for ex in examples]
+    full = lm.score(search.sequences(instruction, examples, reasoning), answer_temperature=search.config.answer_temperature)
+    assert evaluation.mean_loss == pytest.approx(sum(s.answer_loss for s in full) / len(full), abs=1e-4)
+
+
+@pytest.mark.slow
 def test_prefix_cache_changes_nothing_but_the_cost(lm, layout, navigate, main_run):
     """The main run (prefix cache on) again without the cache: same tokens, same losses and scores."""
     extractor, nav = navigate
