@@ -38,7 +38,7 @@ REPEATS = 3
 
 
 def plain_generate(lm: OptimizerLM, prompts: list[list[int]], tokens: int) -> list[list[int]]:
-    ids, mask = lm._left_padded(prompts)
+    ids, mask = lm._padded(prompts, left=True)
     width = ids.shape[1]
     with torch.no_grad():
         out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, pad_token_id=lm.pad_id,

@@ -178,22 +178,15 @@ class OptimizerLM:
 
     # -- forward helpers -------------------------------------------------------------------------
 
-    def _right_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _padded(self, seqs: list[list[int]], *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, attention mask)`` of a batch, padded on the right (forward passes) or the left (generation)."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    def _left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
+            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+            mask[row, cols] = 1
         return ids.to(self.device), mask.to(self.device)
 
     def _cache_fits(self, slots: int) -> bool:
@@ -254,7 +247,7 @@ class OptimizerLM:
         """Log-probabilities of the token after each sequence, shape ``[len(seqs), vocab]`` on CPU."""
         rows = []
         for chunk in self._chunks(seqs):
-            ids, mask = self._right_padded(chunk)
+            ids, mask = self._padded(chunk)
             hidden = self._hidden(mask, ids=ids)
             last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
             picked = hidden[torch.arange(len(chunk), device=self.device), last]
@@ -281,7 +274,7 @@ class OptimizerLM:
             if reuse:
                 hidden_rows, prefix_chunk = self._prefill_after_contexts(chunk, starts)
             else:
-                ids, mask = self._right_padded(chunk)
+                ids, mask = self._padded(chunk)
                 hidden, layers = self._run_cached(ids, mask)
                 prefix_chunk = _PrefixChunk(layers, mask, [len(p) for p in chunk])
                 hidden_rows = [hidden[row, max(start, 1) - 1 : len(prefix)]
@@ -309,7 +302,7 @@ class OptimizerLM:
         tails = [prefix[start:] for prefix, start in zip(chunk, starts)]
         if not any(tails):
             return [state.last_hidden[None] for state in states], inputs
-        ids, tail_mask = self._right_padded([t or [self.pad_id] for t in tails])
+        ids, tail_mask = self._padded([t or [self.pad_id] for t in tails])
         tail_mask[[row for row, t in enumerate(tails) if not t]] = 0
         hidden, layers = self._forward(tail_mask, ids=ids, prefix=inputs)
         rows = [torch.cat([state.last_hidden[None], hidden[row, : len(t)]]) for row, (state, t) in enumerate(zip(states, tails))]
@@ -322,7 +315,7 @@ class OptimizerLM:
             self._contexts.move_to_end(c)
         missing = [c for c in dict.fromkeys(contexts) if c not in found]
         for batch in self._chunks(missing):
-            hidden, layers = self._run_cached(*self._right_padded([list(c) for c in batch]))
+            hidden, layers = self._run_cached(*self._padded([list(c) for c in batch]))
             for row, context in enumerate(batch):
                 n = len(context)
                 own = [(k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone()) for k, v in layers]
@@ -391,7 +384,7 @@ class OptimizerLM:
             lambda module, args: (args[0].contiguous(), *args[1:]))
         try:
             for chunk, chunk_lengths in zip(self._chunks(prompts), lengths):
-                ids, mask = self._left_padded(chunk)
+                ids, mask = self._padded(chunk, left=True)
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                     eos_token_id=sorted(self.stop_ids) or None, **stops,
@@ -515,7 +508,7 @@ class OptimizerLM:
         prefix = self._usable_prefix(prefix, seqs)
         scores = []
         for rows, chunk, prefix_chunk, tails in self._batches(seqs, prefix):
-            ids, mask = self._right_padded(tails)
+            ids, mask = self._padded(tails)
             hidden = self._hidden(mask, ids=ids, prefix=prefix_chunk)
             losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature, prefix=prefix, rows=rows)
             picked = [()] * len(chunk)
@@ -570,7 +563,7 @@ class OptimizerLM:
 
         total = 0.0
         for rows, chunk, prefix_chunk, tails in self._batches(seqs, prefix):
-            ids, mask = self._right_padded(tails)
+            ids, mask = self._padded(tails)
             embeds = self.model.get_input_embeddings()(ids).detach()
             index = torch.arange(len(chunk), device=self.device)
             offsets = prefix_chunk.lengths if prefix_chunk else [0] * len(chunk)
