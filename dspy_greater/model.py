@@ -513,7 +513,7 @@ class OptimizerLM:
             losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature, prefix=prefix, rows=rows)
             picked = [()] * len(chunk)
             if choices:
-                offsets = [len(prefix.ids[r]) if prefix is not None else 0 for r in rows]
+                offsets = prefix_chunk.lengths if prefix_chunk else [0] * len(chunk)
                 at = torch.tensor([s.answer_start - 1 - n for s, n in zip(chunk, offsets)], device=self.device)
                 logits = self._logits(hidden[torch.arange(len(chunk), device=self.device), at])
                 picked = [tuple(row) for row in logits[:, torch.tensor(choices, device=self.device)].tolist()]
