@@ -48,6 +48,34 @@ class SequenceScore:
     choice_logits: tuple[float, ...] = ()
 
 
+@dataclass(frozen=True)
+class KeptGradient:
+    """One sequence's gradient pass, kept to give its gradient at later positions of the same instruction.
+
+    A sequence's loss depends on the instruction token at offset ``q`` in two ways: through that
+    token's input embedding (every later position) and through the fluency term's log-probability of
+    the token itself. The backward pass at an earlier position already computes the first part's
+    gradient for every later position; the second needs only the next-token distribution before
+    ``q``, which the prefix of the step at ``q`` holds. So while the instruction and its reasoning
+    stay the same, the gradient at ``q`` needs no new forward or backward pass.
+
+    Attributes:
+        score: The sequence's score (the same at every position).
+        start: Instruction offset of ``embedding_grads[0]``.
+        embedding_grads: d(sequence loss)/d(input embedding) at instruction offsets ``start`` on,
+            shape ``[k, hidden]``.
+        fluency_count: Instruction tokens the fluency term averages over.
+    """
+
+    score: SequenceScore
+    start: int
+    embedding_grads: torch.Tensor
+    fluency_count: int
+
+    def covers(self, position: int) -> bool:
+        return self.start <= position < self.start + len(self.embedding_grads)
+
+
 @dataclass
 class _PrefixChunk:
     """The cached prefixes of one forward batch (rows right-padded to a common width)."""
@@ -90,6 +118,19 @@ class Prefix:
         """Whether ``seqs`` start with these prefixes row by row (and so may reuse the cache)."""
         return len(seqs) == len(self.ids) and all(
             s.ids[: len(p)] == p and len(p) <= s.answer_start - 1 for s, p in zip(seqs, self.ids))
+
+    def select(self, rows: list[int]) -> Prefix:
+        """The prefixes of ``rows`` (ascending) alone; each keeps its forward batch's padding."""
+        chunks, start = [], 0
+        for chunk in self.chunks:
+            local = [r - start for r in rows if start <= r < start + len(chunk.lengths)]
+            if local:
+                index = torch.tensor(local, device=chunk.mask.device)
+                chunks.append(_PrefixChunk([(k[index], v[index]) for k, v in chunk.layers], chunk.mask[index],
+                                           [chunk.lengths[i] for i in local]))
+            start += len(chunk.lengths)
+        return Prefix([self.ids[r] for r in rows], self.next_logprobs[rows], [self.instruction_logprob[r] for r in rows],
+                      chunks, self.batch_size)
 
 
 class OptimizerLM:
@@ -530,6 +571,8 @@ class OptimizerLM:
         fluency_weight: float,
         scores_out: list[SequenceScore] | None = None,
         prefix: Prefix | None = None,
+        kept: list[KeptGradient | None] | None = None,
+        kept_out: list[KeptGradient] | None = None,
     ) -> tuple[float, torch.Tensor]:
         """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
 
@@ -542,6 +585,10 @@ class OptimizerLM:
                 forward pass (the current instruction's score comes for free with its gradient).
             prefix: Cached prefixes ending right before ``position`` (from :meth:`prefill`); only the
                 rest of each sequence is then run forward and backward.
+            kept: Per sequence, a :class:`KeptGradient` from an earlier position of the same
+                sequence, or ``None``. Sequences whose kept gradient covers ``position`` are not run
+                again (this needs ``prefix``: its next-token distributions give their fluency part).
+            kept_out: If given, receives one :class:`KeptGradient` per sequence, in order.
 
         Returns:
             The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
@@ -551,7 +598,10 @@ class OptimizerLM:
             raise ValueError("All sequences must hold the same current token, and it must be a candidate.")
         if prefix is not None and any(len(p) != s.instruction_start + position for s, p in zip(seqs, prefix.ids)):
             raise ValueError("The cached prefixes must end right before the edited position.")
-        prefix = self._usable_prefix(prefix, seqs)
+        reused = [i for i, k in enumerate(kept or []) if k is not None and k.covers(position)]
+        if reused and prefix is None:
+            raise ValueError("Kept gradients need the prefix of this position (its next-token distributions).")
+        run = [i for i in range(len(seqs)) if i not in set(reused)]
         cand = torch.tensor(candidates, device=self.device)
         one_hot = torch.zeros(len(candidates), device=self.device, dtype=self.embedding_matrix.dtype)
         one_hot[candidates.index(next(iter(current)))] = 1.0
@@ -561,21 +611,51 @@ class OptimizerLM:
         def mixed_logprob(logprobs: torch.Tensor) -> torch.Tensor:
             return one_hot @ logprobs[cand].to(one_hot.dtype)
 
-        total = 0.0
-        for rows, chunk, prefix_chunk, tails in self._batches(seqs, prefix):
+        total, n = 0.0, len(seqs)
+        row_scores: dict[int, SequenceScore] = {}
+        row_kept: dict[int, KeptGradient] = {}
+        run_seqs = [seqs[i] for i in run]
+        run_prefix = prefix.select(run) if prefix is not None and reused else prefix
+        run_prefix = self._usable_prefix(run_prefix, run_seqs) if run_seqs else None
+        for rows, chunk, prefix_chunk, tails in self._batches(run_seqs, run_prefix):
             ids, mask = self._padded(tails)
-            embeds = self.model.get_input_embeddings()(ids).detach()
+            embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(kept_out is not None)
             index = torch.arange(len(chunk), device=self.device)
             offsets = prefix_chunk.lengths if prefix_chunk else [0] * len(chunk)
-            cols = torch.tensor([s.instruction_start + position - n for s, n in zip(chunk, offsets)], device=self.device)
+            cols = [s.instruction_start + position - n_prefix for s, n_prefix in zip(chunk, offsets)]
             mixed = (one_hot @ candidate_rows).expand(len(chunk), -1)
-            embeds = embeds.index_put((index, cols), mixed)
-            hidden = self._hidden(mask, embeds=embeds, prefix=prefix_chunk)
+            hidden = self._hidden(mask, embeds=embeds.index_put((index, torch.tensor(cols, device=self.device)), mixed),
+                                  prefix=prefix_chunk)
             losses, fluencies, correct = self._span_terms(
-                hidden, chunk, answer_temperature, prefix=prefix, rows=rows, edited=(position, mixed_logprob))
-            if scores_out is not None:
-                scores_out += [SequenceScore(float(a.detach()), c, float(f.detach())) for a, f, c in zip(losses, fluencies, correct)]
-            loss = sum(a + fluency_weight * f for a, f in zip(losses, fluencies)) / len(seqs)
+                hidden, chunk, answer_temperature, prefix=run_prefix, rows=rows, edited=(position, mixed_logprob))
+            loss = sum(a + fluency_weight * f for a, f in zip(losses, fluencies)) / n
             loss.backward()
             total += float(loss.detach())
-        return total, one_hot.grad.detach().float().cpu()
+            for local, (row, seq) in enumerate(zip(rows, chunk)):
+                i = run[row]
+                row_scores[i] = SequenceScore(float(losses[local].detach()), correct[local], float(fluencies[local].detach()))
+                if kept_out is not None:
+                    later = slice(cols[local] + 1, cols[local] + seq.instruction_end - seq.instruction_start - position)
+                    # The backward pass saw each sequence's loss divided by n.
+                    row_kept[i] = KeptGradient(row_scores[i], position + 1, embeds.grad[local, later].float() * n,
+                                               _fluency_count(seq))
+        grad = one_hot.grad.detach().float() if run else torch.zeros(len(candidates), device=self.device)
+        if reused:
+            from_kept = torch.zeros_like(grad)
+            for i in reused:
+                k = kept[i]
+                direct = prefix.next_logprobs[i].to(self.device)[cand]  # log p(candidate | prefix): the fluency term's own part
+                from_kept += candidate_rows.float() @ k.embedding_grads[position - k.start] - fluency_weight * direct / k.fluency_count
+                total += (k.score.answer_loss + fluency_weight * k.score.fluency) / n
+                row_scores[i], row_kept[i] = k.score, k
+            grad = grad + from_kept / n
+        if scores_out is not None:
+            scores_out += [row_scores[i] for i in range(n)]
+        if kept_out is not None:
+            kept_out += [row_kept[i] for i in range(n)]
+        return total, grad.cpu()
+
+
+def _fluency_count(seq: Sequence) -> int:
+    """How many instruction tokens the fluency term averages over (each has a token before it)."""
+    return seq.instruction_end - max(seq.instruction_start, 1)

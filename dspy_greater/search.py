@@ -21,7 +21,7 @@ import torch
 from dspy_greater import checkpoint as checkpoint_io
 from dspy_greater.extractor import Extractor
 from dspy_greater.layout import GreaterLayout, Sequence
-from dspy_greater.model import OptimizerLM, Prefix, SequenceScore
+from dspy_greater.model import KeptGradient, OptimizerLM, Prefix, SequenceScore
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ class GreaterConfig:
         prefix_cache: Run each example's inputs and the instruction up to the edited position
             once per step, and reuse that key/value cache for the proposals, the gradient and every
             finalist's scoring. Same results (to float rounding), about 2-3x less compute per step.
+        reuse_gradients: With ``prefix_cache`` and ``keep_current``, keep each example's gradient
+            pass for the later positions of the same instruction: its backward pass already holds
+            them (see :class:`~dspy_greater.model.KeptGradient`), so after a step that kept the
+            current token the next gradient runs only for examples not yet seen under it. Same
+            results up to float rounding.
         inputs_cache_mb: With ``prefix_cache``, memory for the examples' inputs' key/value caches
             kept across steps, so a step runs only the instruction part of each prefix (least
             recently used dropped first; ``0`` keeps none). Like ``model_batch_size``, it is given
@@ -101,6 +106,7 @@ class GreaterConfig:
     allowed_tokens: str = "words"
     model_batch_size: int = 8
     prefix_cache: bool = True
+    reuse_gradients: bool = True
     inputs_cache_mb: float = 512
     checkpoint_every: int = 1
     answer_tokens: int = 8
@@ -256,6 +262,7 @@ class GreaterSearch:
         self.extractor_ids = layout.encode(self.extractor.text)
         self._answer_ids: dict[str, list[int]] = {}
         self._reasoning: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        self._kept_gradients: dict[tuple[SearchExample, tuple[int, ...]], KeptGradient] = {}
         self._allowed = lm.allowed_token_mask(config.allowed_tokens)
 
     # -- building blocks ---------------------------------------------------------------------------
@@ -574,10 +581,20 @@ class GreaterSearch:
         t0 = time.perf_counter()
         seqs = self.sequences(instruction, batch, reasoning)
         current_scores: list[SequenceScore] = []
+        key = tuple(instruction)
+        # A kept token leaves the instruction and its reasoning as they are: the gradient at the next
+        # position is then already known for the examples this step runs.
+        reuse = cfg.reuse_gradients and cfg.keep_current and prefix is not None
+        kept_out: list[KeptGradient] = []
         loss, grad = self.lm.one_hot_gradient(
             seqs, position, candidates, answer_temperature=cfg.answer_temperature, fluency_weight=cfg.fluency_weight,
             scores_out=current_scores, prefix=prefix,
+            kept=[self._kept_gradients.get((ex, key)) for ex in batch] if reuse else None,
+            kept_out=kept_out if reuse else None,
         )
+        if reuse:
+            self._kept_gradients = {k: g for k, g in self._kept_gradients.items() if k[1] == key}
+            self._kept_gradients.update({(ex, key): g for ex, g in zip(batch, kept_out)})
         seconds["gradient"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -400,6 +400,46 @@ def test_one_hot_gradient_with_prefix_equals_full_pass(lm_small_batches, task, l
         assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
 
 
+@pytest.mark.parametrize("kept_rows", [(0, 2), (0, 1, 2)])
+def test_kept_gradients_give_later_positions_without_a_pass(lm_small_batches, task, layout, kept_rows):
+    """A gradient pass at position 1 keeps each sequence's gradient for every later instruction
+    position. At a later position, sequences given their kept gradient are not run again (only the
+    others are, in their own batches), and loss, gradient and scores equal a fresh pass."""
+    lm, instruction, seqs = lm_small_batches, task["instruction"], task["seqs"]
+    kwargs = dict(answer_temperature=ANSWER_TEMPERATURE, fluency_weight=0.2)
+    kept = []
+    lm.one_hot_gradient(seqs, 1, [instruction[1], *layout.encode(" read")], prefix=_prefix_of(lm, seqs, 1),
+                        kept_out=kept, **kwargs)
+    assert [k.start for k in kept] == [2] * len(seqs)
+    assert all(len(k.embedding_grads) == len(instruction) - 2 for k in kept)
+    run_rows = []
+    hook = lm.model.base_model.register_forward_pre_hook(
+        lambda module, args, kw: run_rows.append(kw["inputs_embeds"].shape[0]) if kw.get("inputs_embeds") is not None else None,
+        with_kwargs=True)
+    try:
+        for position in range(2, len(instruction)):
+            cands = [instruction[position], *layout.encode(" quickly slowly now then")]
+            prefix = _prefix_of(lm, seqs, position)
+            fresh_scores, reused_scores = [], []
+            fresh_loss, fresh_grad = lm.one_hot_gradient(seqs, position, cands, prefix=prefix, scores_out=fresh_scores, **kwargs)
+            run_rows.clear()
+            partial = [k if i in kept_rows else None for i, k in enumerate(kept)]
+            loss, grad = lm.one_hot_gradient(seqs, position, cands, prefix=prefix, scores_out=reused_scores,
+                                             kept=partial, **kwargs)
+            assert sum(run_rows) == len(seqs) - len(kept_rows)
+            assert loss == pytest.approx(fresh_loss, abs=2e-4)
+            torch.testing.assert_close(grad, fresh_grad, rtol=1e-3, atol=2e-4)
+            assert grad.argsort().tolist() == fresh_grad.argsort().tolist()
+            for a, b in zip(reused_scores, fresh_scores):
+                assert a.correct == b.correct
+                assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
+                assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="need the prefix"):
+        lm.one_hot_gradient(seqs, 2, [instruction[2]], kept=kept, **kwargs)
+
+
 def _forward_widths(model: OptimizerLM):
     """Records the width of every input the model's base runs (a forward pre-hook; remove it after)."""
     widths = []
@@ -527,11 +567,17 @@ def test_kept_caches_on_a_sliding_window_model(gemma, beyond_window):
             _assert_same_prefix(prefix, plain)
             _assert_scores_match_full_forward(stored_lm, plain_lm, seqs, prefix)
         candidates = [instruction[position], *layout.encode(" Please read")]
-        grads = [lm.one_hot_gradient(seqs, position, candidates, answer_temperature=ANSWER_TEMPERATURE,
-                                     fluency_weight=0.2, prefix=p)
+        kwargs = dict(answer_temperature=ANSWER_TEMPERATURE, fluency_weight=0.2)
+        grads = [lm.one_hot_gradient(seqs, position, candidates, prefix=p, **kwargs)
                  for lm, p in ((plain_lm, None), (stored_lm, prefix))]
-        assert grads[0][0] == pytest.approx(grads[1][0], abs=2e-4)
-        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-3, atol=2e-4)
+        if position == 0:
+            kept = []
+            stored_lm.one_hot_gradient(seqs, position, candidates, prefix=prefix, kept_out=kept, **kwargs)
+        else:  # the gradient kept at position 0 (the embedding's scale included) gives this one
+            grads.append(stored_lm.one_hot_gradient(seqs, position, candidates, prefix=prefix, kept=kept, **kwargs))
+        for loss, grad in grads[1:]:
+            assert loss == pytest.approx(grads[0][0], abs=2e-4)
+            torch.testing.assert_close(grad, grads[0][1], rtol=1e-3, atol=2e-4)
     assert len(stored_lm._contexts) == (0 if beyond_window else len(questions))
     prompts = [layout.prompt(q, instruction) for q in questions]
     ids, lengths = [p.ids for p in prompts], [p.instruction_start for p in prompts]

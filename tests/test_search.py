@@ -17,6 +17,7 @@ import torch
 
 from dspy_greater.data import load_examples
 from dspy_greater.extractor import derive_extractor
+from dspy_greater.model import OptimizerLM
 from dspy_greater.search import (
     GreaterConfig,
     GreaterSearch,
@@ -582,6 +583,40 @@ def test_prefix_cache_changes_nothing_but_the_cost(lm, layout, navigate, main_ru
         for fa, fb in zip(a.finalists, b.finalists):
             assert fa["score"] == pytest.approx(fb["score"], abs=1e-3)
             assert fa["answer_loss"] == pytest.approx(fb["answer_loss"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_kept_gradients_change_nothing_but_the_cost(lm, layout, navigate, monkeypatch):
+    """Steps that keep the current token reuse the gradients kept at the earlier position for the
+    examples seen there (no new pass for them); the run ends where a run without reuse ends."""
+    extractor, nav = navigate
+    settings = dict(num_steps=4, batch_size=3, max_reasoning_tokens=8, num_finalists=2, eval_every=4, seed=1)
+    reused_rows = []
+    original = OptimizerLM.one_hot_gradient
+
+    def counting(self, seqs, position, candidates, **kwargs):
+        reused_rows.append(sum(k is not None and k.covers(position) for k in kwargs.get("kept") or []))
+        return original(self, seqs, position, candidates, **kwargs)
+
+    monkeypatch.setattr(OptimizerLM, "one_hot_gradient", counting)
+    runs = {}
+    for reuse in (True, False):
+        reused_rows.clear()
+        runs[reuse] = _search(lm, layout, extractor, **settings, reuse_gradients=reuse).run(
+            "Let's think step by step.", nav[:4], nav[4:6])
+        runs[reuse, "rows"] = list(reused_rows)
+    kept_steps = [i for i, r in enumerate(runs[True].trace[:-1]) if not r.changed]
+    assert kept_steps, "the test wants a step that keeps its token"
+    assert all(runs[True, "rows"][i + 1] > 0 for i in kept_steps)  # each at least one row seen before
+    assert sum(runs[False, "rows"]) == 0
+    assert [r.instruction for r in runs[True].trace] == [r.instruction for r in runs[False].trace]
+    assert [r.candidates for r in runs[True].trace] == [r.candidates for r in runs[False].trace]
+    for a, b in zip(runs[True].trace, runs[False].trace):
+        assert a.loss == pytest.approx(b.loss, abs=1e-3)
+        assert [(f["token"], f["mistake_rate"]) for f in a.finalists] == [(f["token"], f["mistake_rate"]) for f in b.finalists]
+        for fa, fb in zip(a.finalists, b.finalists):
+            assert fa["gradient"] == pytest.approx(fb["gradient"], abs=1e-3)
+            assert fa["score"] == pytest.approx(fb["score"], abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
