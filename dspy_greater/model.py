@@ -114,23 +114,37 @@ class Prefix:
     chunks: list[_PrefixChunk]
     batch_size: int
 
-    def covers(self, seqs: list[Sequence]) -> bool:
-        """Whether ``seqs`` start with these prefixes row by row (and so may reuse the cache)."""
-        return len(seqs) == len(self.ids) and all(
-            s.ids[: len(p)] == p and len(p) <= s.answer_start - 1 for s, p in zip(seqs, self.ids))
+    def covers(self, seqs: list[Sequence], rows: list[int] | None = None) -> bool:
+        """Whether each sequence starts with its prefix (``rows[i]`` for sequence ``i``; by default
+        one prefix per sequence, in order), and so may continue its cache."""
+        rows = list(range(len(self.ids))) if rows is None else rows
+        return len(seqs) == len(rows) and all(
+            0 <= r < len(self.ids) and s.ids[: len(self.ids[r])] == self.ids[r] and len(self.ids[r]) <= s.answer_start - 1
+            for s, r in zip(seqs, rows))
 
-    def select(self, rows: list[int]) -> Prefix:
-        """The prefixes of ``rows`` (ascending) alone; each keeps its forward batch's padding."""
-        chunks, start = [], 0
-        for chunk in self.chunks:
-            local = [r - start for r in rows if start <= r < start + len(chunk.lengths)]
-            if local:
-                index = torch.tensor(local, device=chunk.mask.device)
-                chunks.append(_PrefixChunk([(k[index], v[index]) for k, v in chunk.layers], chunk.mask[index],
-                                           [chunk.lengths[i] for i in local]))
-            start += len(chunk.lengths)
-        return Prefix([self.ids[r] for r in rows], self.next_logprobs[rows], [self.instruction_logprob[r] for r in rows],
-                      chunks, self.batch_size)
+    def gather(self, rows: list[int]) -> _PrefixChunk:
+        """One forward batch continuing these prefix rows, in this order (a row may repeat)."""
+        where = [(c, i) for c, chunk in enumerate(self.chunks) for i in range(len(chunk.lengths))]
+        picked = [where[r] for r in rows]
+        width = max(self.chunks[c].mask.shape[1] for c, _ in picked)
+        parts, order = [], []
+        for c, chunk in enumerate(self.chunks):
+            mine = [n for n, (cc, _) in enumerate(picked) if cc == c]
+            if not mine:
+                continue
+            index = torch.tensor([picked[n][1] for n in mine], device=chunk.mask.device)
+            gap = width - chunk.mask.shape[1]  # the padding sits between prefix and tail: masked out
+            parts.append(([(F.pad(k[index], (0, 0, 0, gap)), F.pad(v[index], (0, 0, 0, gap))) for k, v in chunk.layers],
+                          F.pad(chunk.mask[index], (0, gap))))
+            order += mine
+        if len(parts) == 1:
+            layers, mask = parts[0]
+        else:
+            back = torch.tensor(order).argsort().to(parts[0][1].device)
+            layers = [(torch.cat([p[0][n][0] for p in parts])[back], torch.cat([p[0][n][1] for p in parts])[back])
+                      for n in range(len(parts[0][0]))]
+            mask = torch.cat([p[1] for p in parts])[back]
+        return _PrefixChunk(layers, mask, [self.chunks[c].lengths[i] for c, i in picked])
 
 
 class OptimizerLM:
@@ -239,11 +253,12 @@ class OptimizerLM:
         """
         return self.attention_window is None or slots < self.attention_window
 
-    def _usable_prefix(self, prefix: Prefix | None, seqs: list[Sequence]) -> Prefix | None:
+    def _usable_prefix(self, prefix: Prefix | None, seqs: list[Sequence], rows: list[int] | None = None) -> Prefix | None:
         """``prefix``, or ``None`` when continuing it would outgrow an attention window."""
-        if prefix is None or self.attention_window is None:
+        if prefix is None or self.attention_window is None or not seqs:
             return prefix
-        slots = max(c.mask.shape[1] for c in prefix.chunks) + max(len(s.ids) - len(p) for s, p in zip(seqs, prefix.ids))
+        rows = list(range(len(seqs))) if rows is None else rows
+        slots = max(c.mask.shape[1] for c in prefix.chunks) + max(len(s.ids) - len(prefix.ids[r]) for s, r in zip(seqs, rows))
         return prefix if self._cache_fits(slots) else None
 
     def _run_cached(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -517,38 +532,51 @@ class OptimizerLM:
             fluencies.append(-torch.cat(pieces).sum() / count if count else torch.zeros((), device=self.device))
         return answer_losses, fluencies, correct
 
-    def _batches(self, seqs: list[Sequence], prefix: Prefix | None):
-        """``(rows, chunk, prefix_chunk, tail_ids)`` per forward batch; with a prefix, the batches are
-        its chunks and each sequence is cut after its cached prefix."""
-        if prefix is None:
-            for start in range(0, len(seqs), self.batch_size):
-                chunk = seqs[start : start + self.batch_size]
-                yield list(range(start, start + len(chunk))), chunk, None, [s.ids for s in chunk]
-            return
-        if not prefix.covers(seqs):
+    def _batches(self, seqs: list[Sequence], prefix: Prefix | None, prefix_rows: list[int] | None = None):
+        """``(indices, chunk, prefix_chunk, tails, rows)`` per forward batch: which sequences, the
+        sequences, the cached prefixes they continue (``None`` without ``prefix``), the part of each
+        that runs, and their prefix rows (``prefix_rows[i]`` for sequence ``i``; by default ``i``).
+
+        Sequences are grouped by the length of what runs, longest first, so that little of a batch
+        is padding: a batch takes up to ``batch_size`` sequences, and one shorter than 90% of the
+        batch's longest starts a new batch once the batch spans 256 tokens (narrower matrix products
+        cost more than the padding they save).
+        """
+        rows = list(range(len(seqs))) if prefix_rows is None else list(prefix_rows)
+        if prefix is not None and not prefix.covers(seqs, rows):
             raise ValueError("These sequences do not start with the cached prefixes (one per sequence, in order).")
-        start = 0
-        for prefix_chunk in prefix.chunks:
-            rows = list(range(start, start + len(prefix_chunk.lengths)))
-            chunk = [seqs[r] for r in rows]
-            yield rows, chunk, prefix_chunk, [s.ids[n:] for s, n in zip(chunk, prefix_chunk.lengths)]
-            start = rows[-1] + 1
+        tails = [s.ids[len(prefix.ids[r]) :] if prefix is not None else s.ids for s, r in zip(seqs, rows)]
+        groups, group = [], []
+        for i in sorted(range(len(seqs)), key=lambda i: -len(tails[i])):
+            longest = len(tails[group[0]]) if group else 0
+            if group and (len(group) == self.batch_size
+                          or (len(tails[i]) < 0.9 * longest and len(group) * longest >= 256)):
+                groups.append(group)
+                group = []
+            group.append(i)
+        groups += [group] if group else []
+        for group in groups:
+            picked = [rows[i] for i in group]
+            yield (group, [seqs[i] for i in group], prefix.gather(picked) if prefix is not None else None,
+                   [tails[i] for i in group], picked)
 
     @torch.no_grad()
     def score(
         self, seqs: list[Sequence], *, answer_temperature: float, prefix: Prefix | None = None,
-        choices: list[int] | None = None,
+        prefix_rows: list[int] | None = None, choices: list[int] | None = None,
     ) -> list[SequenceScore]:
         """Teacher-forced answer loss, correctness and instruction fluency for each sequence.
 
         Args:
-            prefix: Cached prefixes the sequences start with (one per sequence), from :meth:`prefill`.
+            prefix: Cached prefixes the sequences start with, from :meth:`prefill`.
+            prefix_rows: Which prefix each sequence continues (several may share one, e.g. the
+                finalists of a step); by default one per sequence, in order.
             choices: Token ids whose logits at the first answer position each score should carry
                 (what the model would answer there, read from the same forward pass).
         """
-        prefix = self._usable_prefix(prefix, seqs)
-        scores = []
-        for rows, chunk, prefix_chunk, tails in self._batches(seqs, prefix):
+        prefix = self._usable_prefix(prefix, seqs, prefix_rows)
+        scores: list[SequenceScore | None] = [None] * len(seqs)
+        for indices, chunk, prefix_chunk, tails, rows in self._batches(seqs, prefix, prefix_rows):
             ids, mask = self._padded(tails)
             hidden = self._hidden(mask, ids=ids, prefix=prefix_chunk)
             losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature, prefix=prefix, rows=rows)
@@ -558,7 +586,8 @@ class OptimizerLM:
                 at = torch.tensor([s.answer_start - 1 - n for s, n in zip(chunk, offsets)], device=self.device)
                 logits = self._logits(hidden[torch.arange(len(chunk), device=self.device), at])
                 picked = [tuple(row) for row in logits[:, torch.tensor(choices, device=self.device)].tolist()]
-            scores += [SequenceScore(float(a), c, float(f), p) for a, f, c, p in zip(losses, fluencies, correct, picked)]
+            for i, a, f, c, p in zip(indices, losses, fluencies, correct, picked):
+                scores[i] = SequenceScore(float(a), c, float(f), p)
         return scores
 
     def one_hot_gradient(
@@ -615,9 +644,8 @@ class OptimizerLM:
         row_scores: dict[int, SequenceScore] = {}
         row_kept: dict[int, KeptGradient] = {}
         run_seqs = [seqs[i] for i in run]
-        run_prefix = prefix.select(run) if prefix is not None and reused else prefix
-        run_prefix = self._usable_prefix(run_prefix, run_seqs) if run_seqs else None
-        for rows, chunk, prefix_chunk, tails in self._batches(run_seqs, run_prefix):
+        run_prefix = self._usable_prefix(prefix, run_seqs, run)
+        for indices, chunk, prefix_chunk, tails, rows in self._batches(run_seqs, run_prefix, run):
             ids, mask = self._padded(tails)
             embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(kept_out is not None)
             index = torch.arange(len(chunk), device=self.device)
@@ -631,8 +659,7 @@ class OptimizerLM:
             loss = sum(a + fluency_weight * f for a, f in zip(losses, fluencies)) / n
             loss.backward()
             total += float(loss.detach())
-            for local, (row, seq) in enumerate(zip(rows, chunk)):
-                i = run[row]
+            for local, (i, seq) in enumerate(zip(rows, chunk)):
                 row_scores[i] = SequenceScore(float(losses[local].detach()), correct[local], float(fluencies[local].detach()))
                 if kept_out is not None:
                     later = slice(cols[local] + 1, cols[local] + seq.instruction_end - seq.instruction_start - position)

@@ -362,14 +362,23 @@ class GreaterSearch:
         ordered = sorted(found, key=lambda t: -float(total[t]))
         return ordered + ([current] if current is not None else [])
 
-    def score_instruction(
-        self, instruction: list[int], examples: list[SearchExample], reasoning=None, prefix: Prefix | None = None
-    ) -> dict:
-        """Mistake rate, answer loss and fluency of an instruction on examples (teacher-forced)."""
-        reasoning = reasoning if reasoning is not None else self.reasoning(instruction, examples)
-        seqs = self.sequences(instruction, examples, reasoning)
-        scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix)
-        return self._summarize_scores(scores)
+    def _score_finalists(
+        self, instruction: list[int], position: int, finalists: list[int], examples: list[SearchExample],
+        reasoning: list[list[int]], prefix: Prefix | None,
+    ) -> list[list[SequenceScore]]:
+        """Each finalist token's per-example scores at ``position``, teacher-forced on ``reasoning``
+        (or on its own reasoning with ``finalist_scoring="regenerate"``), all in one scoring call
+        whose batches group sequences of equal length across finalists."""
+        seqs = []
+        for token in finalists:
+            trial = [*instruction[:position], token, *instruction[position + 1 :]]
+            own = reasoning if self.config.finalist_scoring == "teacher_forced" else self.reasoning(trial, examples)
+            seqs += self.sequences(trial, examples, own)
+        rows = list(range(len(examples))) * len(finalists)  # every finalist continues each example's prefix
+        scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix,
+                               prefix_rows=rows if prefix is not None else None)
+        n = len(examples)
+        return [scores[k * n : (k + 1) * n] for k in range(len(finalists))]
 
     def _summarize_scores(self, scores: list[SequenceScore]) -> dict:
         n = len(scores)
@@ -421,7 +430,8 @@ class GreaterSearch:
             progress: Called with each step's record.
             checkpoint: A JSON file. When it exists (from an earlier, interrupted run with the same
                 data, settings, model and instruction), the search resumes after its last step and
-                ends exactly where an uninterrupted run ends; it is rewritten every
+                ends where an uninterrupted run ends (the same instructions; losses equal up to
+                float rounding, as gradients kept in memory are computed afresh); it is rewritten every
                 ``config.checkpoint_every`` steps and kept at the end.
         """
         cfg = self.config
@@ -604,16 +614,12 @@ class GreaterSearch:
             grad = torch.nan_to_num(grad, nan=math.inf, posinf=math.inf, neginf=math.inf)
         ranked = [candidates[i] for i in torch.argsort(grad).tolist() if candidates[i] != current]
         finalists = ranked[: cfg.num_finalists]
-        scored = []
-        for token in finalists + ([current] if cfg.keep_current else []):
-            trial = [*instruction[:position], token, *instruction[position + 1 :]]
-            if token == current:
-                score = self._summarize_scores(current_scores)  # same sequences as the gradient pass
-            else:
-                reuse = reasoning if cfg.finalist_scoring == "teacher_forced" else None
-                score = self.score_instruction(trial, batch, reuse, prefix)
-            scored.append({"token": self.layout.decode([token]), "token_id": token,
-                           "gradient": float(grad[candidates.index(token)]), **score})
+        finalist_scores = self._score_finalists(instruction, position, finalists, batch, reasoning, prefix)
+        if cfg.keep_current:
+            finalists, finalist_scores = [*finalists, current], [*finalist_scores, current_scores]  # from the gradient pass
+        scored = [{"token": self.layout.decode([token]), "token_id": token,
+                   "gradient": float(grad[candidates.index(token)]), **self._summarize_scores(scores)}
+                  for token, scores in zip(finalists, finalist_scores)]
         finite = [s for s in scored if math.isfinite(s["score"]) and math.isfinite(s["answer_loss"])]
         if not finite:
             raise FloatingPointError(f"Step {step}: every finalist scored NaN or infinity; the optimizer model's "

@@ -440,6 +440,42 @@ def test_kept_gradients_give_later_positions_without_a_pass(lm_small_batches, ta
         lm.one_hot_gradient(seqs, 2, [instruction[2]], kept=kept, **kwargs)
 
 
+@pytest.mark.parametrize("model_name", ["lm", "lm_small_batches"])
+def test_finalists_scored_in_one_call_continue_shared_prefixes(request, task, layout, model_name):
+    """Several substituted instructions scored in one call, each sequence continuing its example's
+    prefix (``prefix_rows``; the batches are regrouped by length across the prefix's chunks, rows
+    repeated), give each sequence's score from a plain full forward, in the order given."""
+    model = request.getfixturevalue(model_name)
+    instruction, seqs = task["instruction"], task["seqs"]
+    position = 1
+    prefix = _prefix_of(model, seqs, position)
+    trials = [[*instruction[:position], token, *instruction[position + 1 :]] for token in layout.encode(" quickly now then")]
+    many = [s for trial in trials for s in task["build"](trial)]
+    rows = list(range(len(seqs))) * len(trials)
+    shared = model.score(many, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix, prefix_rows=rows)
+    full = model.score(many, answer_temperature=ANSWER_TEMPERATURE)
+    for a, b in zip(shared, full):
+        assert a.correct == b.correct
+        assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
+        assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+    with pytest.raises(ValueError, match="do not start with"):
+        model.score(many, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix, prefix_rows=rows[1:] + rows[:1])
+
+
+def test_batches_group_sequences_of_similar_length():
+    """Longest first; a batch is cut at the model batch size, or at a sequence shorter than 90% of
+    the batch's longest once the batch spans 256 tokens; every sequence exactly once."""
+    from types import SimpleNamespace
+
+    lm = OptimizerLM.__new__(OptimizerLM)
+    lm.batch_size = 4
+    lengths = [120, 30, 96, 89, 120, 58, 120, 81, 100]
+    seqs = [SimpleNamespace(ids=[0] * n) for n in lengths]
+    groups = [[lengths[i] for i in group] for group, *_ in lm._batches(seqs, None)]
+    assert groups == [[120, 120, 120], [100, 96, 89], [81, 58, 30]]
+    assert sorted(i for group, *_ in lm._batches(seqs, None) for i in group) == list(range(len(lengths)))
+
+
 def _forward_widths(model: OptimizerLM):
     """Records the width of every input the model's base runs (a forward pre-hook; remove it after)."""
     widths = []
