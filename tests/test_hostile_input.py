@@ -357,11 +357,13 @@ def test_nan_finalist_score_is_never_chosen(lm, layout, monkeypatch):
     real = OptimizerLM.score
     poisoned = []
 
-    def nan_for_first_finalist(self, seqs, *, answer_temperature, prefix=None, choices=None):
-        scores = real(self, seqs, answer_temperature=answer_temperature, prefix=prefix, choices=choices)
-        if prefix is not None and choices is None and not poisoned:  # finalist scoring (evaluation asks for choices)
+    def nan_for_first_finalist(self, seqs, *, answer_temperature, prefix=None, prefix_rows=None, choices=None):
+        scores = real(self, seqs, answer_temperature=answer_temperature, prefix=prefix, prefix_rows=prefix_rows,
+                      choices=choices)
+        if prefix_rows is not None and not poisoned:  # a step's finalists, all in one call: poison the first
             poisoned.append(True)
-            return [SequenceScore(math.nan, False, math.nan) for _ in scores]
+            first = len(prefix.ids)
+            return [SequenceScore(math.nan, False, math.nan)] * first + scores[first:]
         return scores
 
     monkeypatch.setattr(OptimizerLM, "score", nan_for_first_finalist)
