@@ -544,7 +544,7 @@ class OptimizerLM:
         """
         rows = list(range(len(seqs))) if prefix_rows is None else list(prefix_rows)
         if prefix is not None and not prefix.covers(seqs, rows):
-            raise ValueError("These sequences do not start with the cached prefixes (one per sequence, in order).")
+            raise ValueError("These sequences do not start with the cached prefixes (one each, in order, unless prefix_rows says which).")
         tails = [s.ids[len(prefix.ids[r]) :] if prefix is not None else s.ids for s, r in zip(seqs, rows)]
         groups, group = [], []
         for i in sorted(range(len(seqs)), key=lambda i: -len(tails[i])):
