@@ -64,13 +64,11 @@ class KeptGradient:
         start: Instruction offset of ``embedding_grads[0]``.
         embedding_grads: d(sequence loss)/d(input embedding) at instruction offsets ``start`` on,
             shape ``[k, hidden]``.
-        fluency_count: Instruction tokens the fluency term averages over.
     """
 
     score: SequenceScore
     start: int
     embedding_grads: torch.Tensor
-    fluency_count: int
 
     def covers(self, position: int) -> bool:
         return self.start <= position < self.start + len(self.embedding_grads)
@@ -630,7 +628,7 @@ class OptimizerLM:
         reused = [i for i, k in enumerate(kept or []) if k is not None and k.covers(position)]
         if reused and prefix is None:
             raise ValueError("Kept gradients need the prefix of this position (its next-token distributions).")
-        run = [i for i in range(len(seqs)) if i not in set(reused)]
+        run = sorted(set(range(len(seqs))) - set(reused))
         cand = torch.tensor(candidates, device=self.device)
         one_hot = torch.zeros(len(candidates), device=self.device, dtype=self.embedding_matrix.dtype)
         one_hot[candidates.index(next(iter(current)))] = 1.0
@@ -664,15 +662,14 @@ class OptimizerLM:
                 if kept_out is not None:
                     later = slice(cols[local] + 1, cols[local] + seq.instruction_end - seq.instruction_start - position)
                     # The backward pass saw each sequence's loss divided by n.
-                    row_kept[i] = KeptGradient(row_scores[i], position + 1, embeds.grad[local, later].float() * n,
-                                               _fluency_count(seq))
+                    row_kept[i] = KeptGradient(row_scores[i], position + 1, embeds.grad[local, later].float() * n)
         grad = one_hot.grad.detach().float() if run else torch.zeros(len(candidates), device=self.device)
         if reused:
             from_kept = torch.zeros_like(grad)
             for i in reused:
                 k = kept[i]
                 direct = prefix.next_logprobs[i].to(self.device)[cand]  # log p(candidate | prefix): the fluency term's own part
-                from_kept += candidate_rows.float() @ k.embedding_grads[position - k.start] - fluency_weight * direct / k.fluency_count
+                from_kept += candidate_rows.float() @ k.embedding_grads[position - k.start] - fluency_weight * direct / _fluency_count(seqs[i])
                 total += (k.score.answer_loss + fluency_weight * k.score.fluency) / n
                 row_scores[i], row_kept[i] = k.score, k
             grad = grad + from_kept / n

@@ -375,8 +375,7 @@ class GreaterSearch:
             own = reasoning if self.config.finalist_scoring == "teacher_forced" else self.reasoning(trial, examples)
             seqs += self.sequences(trial, examples, own)
         rows = list(range(len(examples))) * len(finalists)  # every finalist continues each example's prefix
-        scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix,
-                               prefix_rows=rows if prefix is not None else None)
+        scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix, prefix_rows=rows)
         n = len(examples)
         return [scores[k * n : (k + 1) * n] for k in range(len(finalists))]
 
