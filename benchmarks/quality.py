@@ -6,9 +6,16 @@ reasoning length. "faithful" is ``GreaterConfig.faithful`` (every training examp
 reasoning regenerated for every finalist, no keep-current, held-out check every step) without our
 prefix cache, so its wall time is the paper protocol's cost. Reported per configuration: wall time
 of ``compile`` and the optimizer model's test accuracy, majority-class rate and balanced accuracy
-before and after.
+before and after, and for each pair of configurations the difference of their test accuracies
+after, with a paired bootstrap 95% interval (both start from the same instruction, so that is
+the difference of their gains).
 
     python benchmarks/quality.py --task navigate --steps 10
+
+``--reuse faithful=results/quality_navigate.json`` takes a configuration's returned instruction
+(and compile time) from an earlier report on the same task, train and held-out split, seed,
+steps, reasoning length and dtype instead of compiling again; the test split can then be larger
+(the splits are consecutive slices of one seeded shuffle, so train and held-out stay the same).
 """
 
 from __future__ import annotations
@@ -26,19 +33,43 @@ HERE = pathlib.Path(__file__).resolve().parent
 CONFIGS = ("default", "default-score", "default-loss", "faithful")
 
 
+def earlier_entry(path: pathlib.Path, name: str, report: dict) -> dict:
+    """``name``'s entry in an earlier report (single task, or ``{"tasks": {...}}``) made with the same
+    task, train and held-out split, seed, steps, reasoning length and dtype."""
+    data = json.loads(path.read_text())
+    same = ("task", "seed", "steps", "reasoning_tokens")
+    for earlier in data["tasks"].values() if "tasks" in data else [data]:
+        if (all(earlier[k] == report[k] for k in same) and earlier["splits"][:2] == report["splits"][:2]
+                and (earlier.get("dtype") or "float32") == report["dtype"] and name in earlier["configs"]):
+            return earlier["configs"][name]
+    raise SystemExit(f"{path} has no {name!r} run with task {report['task']}, splits {report['splits'][:2]}, "
+                     f"seed {report['seed']}, {report['steps']} steps, {report['reasoning_tokens']} reasoning "
+                     f"tokens and dtype {report['dtype']}; compile it instead (drop it from --reuse).")
+
+
 def main() -> None:
     p = parser(__doc__, train=24, val=12, test=40, steps=10, threads=2)
     p.add_argument("--configs", nargs="+", default=["default", "faithful"], choices=list(CONFIGS))
+    p.add_argument("--reuse", nargs="+", default=[], metavar="CONFIG=JSON",
+                   help="take CONFIG's instruction from an earlier report instead of compiling")
     args = p.parse_args()
+    reuse = dict(item.split("=", 1) for item in args.reuse)
+    unknown = set(reuse) - set(args.configs)
+    if unknown:
+        p.error(f"--reuse names configurations not in --configs: {sorted(unknown)}")
 
     import dspy
 
     from dspy_greater import GReaTerTeleprompter
-    from dspy_greater.metrics import exact_match, summarize
+    from dspy_greater.metrics import exact_match, paired_difference, summarize
     from dspy_greater.search import GreaterConfig
 
     train, val, test, model, tokenizer, report = setup(args, "benchmarks/quality.py")
     report["configs"] = {}
+    earlier = {name: earlier_entry(pathlib.Path(path), name, report) for name, path in reuse.items()}
+    program = dspy.ChainOfThought("question -> answer")
+    before = None
+    after_predictions = {}
     for name in args.configs:
         common = dict(num_steps=args.steps, max_reasoning_tokens=args.reasoning_tokens, seed=args.seed)
         if name == "faithful":
@@ -47,31 +78,43 @@ def main() -> None:
             config = GreaterConfig(**common, **({"finalist_key": name.split("-")[1]} if "-" in name else {}))
         tp = GReaTerTeleprompter(metric=exact_match, config=config, progress=False)
         tp.use_loaded_model(model, tokenizer)
-        program = dspy.ChainOfThought("question -> answer")
-        before = tp.optimizer_predictions(program, test)
-        print(f"== {name}: compiling ...", flush=True)
-        started = time.perf_counter()
-        optimized = tp.compile(program, trainset=train, valset=val)
-        seconds = time.perf_counter() - started
-        after = tp.optimizer_predictions(optimized, test)
-        result = optimized.greater_results["predict"]
-        entry = {
-            "config": {k: v for k, v in vars(config).items()},
-            "examples_per_step": min(config.batch_size or len(train), len(train)),
-            "compile_seconds": round(seconds, 1),
-            "initial_instruction": result["initial_instruction"],
-            "best_instruction": result["best_instruction"],
-            "test_before": summarize(after[1], before[0]),
-            "test_after": summarize(after[1], after[0]),
-            "heldout_before": result["initial_heldout"]["accuracy"],
-            "heldout_best": result["best_heldout"]["accuracy"],
-            "load_average_end": os.getloadavg(),
-        }
+        if before is None:  # every configuration starts from the same instruction
+            before = tp.optimizer_predictions(program, test)
+        if name in earlier:
+            print(f"== {name}: instruction from {reuse[name]}", flush=True)
+            entry = {k: v for k, v in earlier[name].items() if k not in ("test_before", "test_after", "load_average_end")}
+            entry["reused_from"] = reuse[name]
+            optimized = program.deepcopy()
+            optimized.predict.signature = optimized.predict.signature.with_instructions(entry["best_instruction"])
+        else:
+            print(f"== {name}: compiling ...", flush=True)
+            started = time.perf_counter()
+            optimized = tp.compile(program, trainset=train, valset=val)
+            result = optimized.greater_results["predict"]
+            entry = {
+                "config": {k: v for k, v in vars(config).items()},
+                "examples_per_step": min(config.batch_size or len(train), len(train)),
+                "compile_seconds": round(time.perf_counter() - started, 1),
+                "initial_instruction": result["initial_instruction"],
+                "best_instruction": result["best_instruction"],
+                "heldout_before": result["initial_heldout"]["accuracy"],
+                "heldout_best": result["best_heldout"]["accuracy"],
+            }
+        after_predictions[name], labels = tp.optimizer_predictions(optimized, test)
+        entry.update(test_before=summarize(labels, before[0]), test_after=summarize(labels, after_predictions[name]),
+                     load_average_end=os.getloadavg())
         report["configs"][name] = entry
-        print(f"   {seconds / 60:.1f} min; test accuracy {entry['test_before']['accuracy']:.3f} -> "
+        print(f"   {entry['compile_seconds'] / 60:.1f} min; test accuracy {entry['test_before']['accuracy']:.3f} -> "
               f"{entry['test_after']['accuracy']:.3f}, balanced {entry['test_before']['balanced_accuracy']:.3f} -> "
               f"{entry['test_after']['balanced_accuracy']:.3f}, majority {entry['test_after']['majority_rate']:.3f}; "
               f"{entry['best_instruction']!r}", flush=True)
+    report["after_differences"] = {
+        f"{a} - {b}": paired_difference(labels, after_predictions[a], after_predictions[b])
+        for i, a in enumerate(args.configs) for b in args.configs[i + 1 :]
+    }
+    for pair, d in report["after_differences"].items():
+        print(f"   test accuracy after, {pair}: {d['difference']:+.3f} (95% {d['low']:+.3f} to {d['high']:+.3f}; "
+              f"right only in the first {d['a_only']}, only in the second {d['b_only']})", flush=True)
     path = pathlib.Path(args.output) if args.output else HERE / "results" / f"quality_{args.task}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
