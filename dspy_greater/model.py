@@ -103,12 +103,12 @@ class Prefix:
         ids: Each row's prefix ids.
         next_logprobs: Log-probabilities of the token after each prefix, ``[rows, vocab]`` on CPU.
         instruction_logprob: Per row, the summed log-probability of the instruction tokens inside
-            the prefix (the fluency term's constant part), with their count.
+            the prefix (the fluency term's constant part).
     """
 
     ids: list[list[int]]
     next_logprobs: torch.Tensor
-    instruction_logprob: list[tuple[float, int]]
+    instruction_logprob: list[float]
     chunks: list[_PrefixChunk]
     batch_size: int
 
@@ -124,6 +124,9 @@ class Prefix:
         """One forward batch continuing these prefix rows, in this order (a row may repeat)."""
         where = [(c, i) for c, chunk in enumerate(self.chunks) for i in range(len(chunk.lengths))]
         picked = [where[r] for r in rows]
+        whole = self.chunks[picked[0][0]]
+        if picked == [(picked[0][0], i) for i in range(len(whole.lengths))]:
+            return whole  # one chunk, all its rows in order: its tensors as they are (a forward never writes into them)
         width = max(self.chunks[c].mask.shape[1] for c, _ in picked)
         parts, order = [], []
         for c, chunk in enumerate(self.chunks):
@@ -340,7 +343,7 @@ class OptimizerLM:
                 next_rows.append(logprobs[-1].cpu())
                 targets = torch.tensor(prefix[max(start, 1) :], dtype=torch.long, device=self.device)
                 inside = logprobs[:-1].gather(1, targets[:, None]).sum() if len(targets) else torch.zeros(())
-                instruction_logprob.append((float(inside), len(targets)))
+                instruction_logprob.append(float(inside))
         return Prefix([list(p) for p in prefixes], torch.stack(next_rows), instruction_logprob, chunks, self.batch_size)
 
     def _prefill_after_contexts(self, chunk: list[list[int]], starts: list[int]) -> tuple[list[torch.Tensor], _PrefixChunk]:
@@ -520,13 +523,12 @@ class OptimizerLM:
                 local = edited_index - first
                 token_logprobs = torch.cat(
                     [token_logprobs[:local], edited[1](logprobs[local])[None], token_logprobs[local + 1 :]])
-            pieces, count = [token_logprobs], len(instr_targets)
+            pieces = [token_logprobs]
             if prefix is not None:
-                inside, inside_count = prefix.instruction_logprob[rows[row]]
                 next_logprobs = prefix.next_logprobs[rows[row]].to(self.device)
                 at_edit = edited[1](next_logprobs) if edited is not None else next_logprobs[seq.ids[offset]]
-                pieces += [at_edit.reshape(1), torch.tensor([inside], device=self.device)]
-                count += 1 + inside_count
+                pieces += [at_edit.reshape(1), torch.tensor([prefix.instruction_logprob[rows[row]]], device=self.device)]
+            count = _fluency_count(seq)
             fluencies.append(-torch.cat(pieces).sum() / count if count else torch.zeros((), device=self.device))
         return answer_losses, fluencies, correct
 

@@ -462,6 +462,26 @@ def test_finalists_scored_in_one_call_continue_shared_prefixes(request, task, la
         model.score(many, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix, prefix_rows=rows[1:] + rows[:1])
 
 
+def test_prefix_gather_reuses_a_whole_chunk_and_copies_any_other_choice(lm_small_batches, task):
+    """A batch that is one prefix chunk's rows in order continues that chunk's tensors as they are;
+    any other choice of rows (reordered, repeated, across chunks) gets its rows' keys and values,
+    padded to the widest chunk."""
+    prefix = _prefix_of(lm_small_batches, task["seqs"], 1)
+    assert len(prefix.chunks) > 1, "the fixture should span more than one prefix chunk"
+    first = prefix.chunks[0]
+    n_first = len(first.lengths)
+    assert prefix.gather(list(range(n_first))) is first
+    assert prefix.gather(list(range(n_first, n_first + len(prefix.chunks[1].lengths)))) is prefix.chunks[1]
+    rows = [n_first, 0, 0]  # the second chunk's first row, then the first chunk's first row twice
+    picked = prefix.gather(rows)
+    assert picked.lengths == [len(prefix.ids[r]) for r in rows]
+    for (k, v), (k0, v0), (k1, v1) in zip(picked.layers, first.layers, prefix.chunks[1].layers):
+        for out, src_k, src_v, row in ((0, k1, v1, 0), (1, k0, v0, 0), (2, k0, v0, 0)):
+            width = src_k.shape[2]
+            torch.testing.assert_close(k[out, :, :width], src_k[row], rtol=0, atol=0)
+            torch.testing.assert_close(v[out, :, :width], src_v[row], rtol=0, atol=0)
+
+
 def test_batches_group_sequences_of_similar_length():
     """Longest first; a batch is cut at the model batch size, or at a sequence shorter than 90% of
     the batch's longest once the batch spans 256 tokens; every sequence exactly once."""
@@ -487,9 +507,7 @@ def _forward_widths(model: OptimizerLM):
 
 def _assert_same_prefix(a, b):
     torch.testing.assert_close(a.next_logprobs, b.next_logprobs, rtol=0, atol=2e-4)
-    for (sum_a, n_a), (sum_b, n_b) in zip(a.instruction_logprob, b.instruction_logprob):
-        assert n_a == n_b
-        assert sum_a == pytest.approx(sum_b, abs=2e-4)
+    assert a.instruction_logprob == pytest.approx(b.instruction_logprob, abs=2e-4)
 
 
 @pytest.mark.parametrize("position", [0, 2, 4])
