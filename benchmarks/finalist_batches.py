@@ -32,12 +32,9 @@ def in_order(self, seqs, prefix, prefix_rows=None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="navigate")
-    parser.add_argument("--examples", type=int, default=6)
-    parser.add_argument("--reasoning-tokens", type=int, default=128)
+    speed.shared_arguments(parser, reasoning_tokens=128)
+    parser.add_argument("--examples", type=int, default=6, help="the first this many of the speed benchmark's 8 rows")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=pathlib.Path)
     args = parser.parse_args()
 
@@ -45,9 +42,8 @@ def main() -> None:
     from dspy_greater.search import GreaterConfig, GreaterSearch
 
     load_before = speed.load_average()
-    args.examples, examples_used = 8, args.examples  # the speed benchmark's 8 rows; the first `examples` of them
-    lm, layout, extractor, examples, _, _ = speed._setup(args)
-    batch = examples[:examples_used]
+    lm, layout, extractor, examples, _, _ = speed._setup(args, rows=8)
+    batch = examples[: args.examples]
     search = GreaterSearch(lm, layout, extractor, GreaterConfig(max_reasoning_tokens=args.reasoning_tokens))
     instruction = layout.encode_instruction(speed.INITIAL_INSTRUCTION)
     reasoning = search.reasoning(instruction, batch)
@@ -72,7 +68,7 @@ def main() -> None:
         "machine": speed.machine(),
         "threads": args.threads,
         "task": args.task,
-        "examples": examples_used,
+        "examples": args.examples,
         "reasoning_tokens": args.reasoning_tokens,
         "finalists": len(finalists),
         "tail_lengths": [len(s.ids) - len(p) for s, p in zip(search.sequences(instruction, batch, reasoning), prefix.ids)],

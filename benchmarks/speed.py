@@ -61,7 +61,17 @@ def load_average() -> list[float]:
 # -- workers (run in their own processes) -------------------------------------------------------------
 
 
-def _setup(args, dtype: str = "auto"):
+def shared_arguments(parser: argparse.ArgumentParser, *, reasoning_tokens: int) -> None:
+    """The options every benchmark built on :func:`_setup` takes."""
+    parser.add_argument("--task", default="navigate")
+    parser.add_argument("--reasoning-tokens", type=int, default=reasoning_tokens)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def _setup(args, dtype: str = "auto", rows: int | None = None):
+    """``(lm, layout, extractor, examples, heldout, row indices)``: the first ``rows`` (default
+    ``args.examples``) of the seeded shuffle of ``args.task`` as training examples."""
     import torch
 
     from dspy_greater.data import load_examples, split_examples
@@ -75,10 +85,10 @@ def _setup(args, dtype: str = "auto"):
     model, tokenizer = load_optimizer_model(ModelSpec(dtype=dtype))
     lm = OptimizerLM(model.eval(), tokenizer, batch_size=8)
     layout = GreaterLayout(tokenizer)
-    rows = load_examples(args.task)
-    split = split_examples(rows, [args.examples, HELDOUT], args.seed)
+    data = load_examples(args.task)
+    split = split_examples(data, [args.examples if rows is None else rows, HELDOUT], args.seed)
     examples, heldout = ([SearchExample(e.question, e.answer) for e in part] for part in split)
-    extractor = derive_extractor("answer", None, [e.answer for e in rows], [e.question for e in rows])
+    extractor = derive_extractor("answer", None, [e.answer for e in data], [e.question for e in data])
     return lm, layout, extractor, examples, heldout, list(split.indices[0])
 
 
@@ -324,12 +334,9 @@ def plot_scaling(report: dict, path: pathlib.Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="navigate")
+    shared_arguments(parser, reasoning_tokens=48)
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--reasoning-tokens", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--scaling", action="store_true", help="time per step vs examples and instruction length")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/...)")
