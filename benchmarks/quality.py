@@ -20,6 +20,7 @@ steps, reasoning length and dtype instead of compiling again; the test split can
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -31,6 +32,26 @@ HERE = pathlib.Path(__file__).resolve().parent
 # default: GreaterConfig(); default-score / default-loss: the same with finalist_key set (paper's
 # score vs answer loss at equal mistakes); faithful: the paper's protocol and cost.
 CONFIGS = ("default", "default-score", "default-loss", "faithful")
+
+
+def config_spec(name: str) -> str:
+    """A configuration name, optionally with ``+field=value`` GreaterConfig overrides (JSON values)."""
+    base, *fields = name.split("+")
+    if base not in CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown configuration {base!r}; choose from {', '.join(CONFIGS)}")
+    from dspy_greater.search import GreaterConfig
+
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{field!r} in {name!r} is not field=value")
+        if key not in GreaterConfig.field_names():
+            raise argparse.ArgumentTypeError(f"{key!r} in {name!r} is not a GreaterConfig field")
+        try:
+            json.loads(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"the value of {key!r} in {name!r} is not JSON (strings need quotes)") from None
+    return name
 
 
 def earlier_entry(path: pathlib.Path, name: str, report: dict) -> dict:
@@ -49,7 +70,8 @@ def earlier_entry(path: pathlib.Path, name: str, report: dict) -> dict:
 
 def main() -> None:
     p = parser(__doc__, train=24, val=12, test=40, steps=10, threads=2)
-    p.add_argument("--configs", nargs="+", default=["default", "faithful"], choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["default", "faithful"], type=config_spec,
+                   help=f"{', '.join(CONFIGS)}; a name may add GreaterConfig fields, e.g. default+eval_every=1")
     p.add_argument("--reuse", nargs="+", default=[], metavar="CONFIG=JSON",
                    help="take CONFIG's instruction from an earlier report instead of compiling")
     args = p.parse_args()
@@ -71,11 +93,13 @@ def main() -> None:
     before = None
     after_predictions = {}
     for name in args.configs:
-        common = dict(num_steps=args.steps, max_reasoning_tokens=args.reasoning_tokens, seed=args.seed)
-        if name == "faithful":
-            config = GreaterConfig.faithful(**common, prefix_cache=False)
+        base, *fields = name.split("+")
+        common = dict(num_steps=args.steps, max_reasoning_tokens=args.reasoning_tokens, seed=args.seed,
+                      **{k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)})
+        if base == "faithful":
+            config = GreaterConfig.faithful(**{"prefix_cache": False, **common})
         else:
-            config = GreaterConfig(**common, **({"finalist_key": name.split("-")[1]} if "-" in name else {}))
+            config = GreaterConfig(**common, **({"finalist_key": base.split("-")[1]} if "-" in base else {}))
         tp = GReaTerTeleprompter(metric=exact_match, config=config, progress=False)
         tp.use_loaded_model(model, tokenizer)
         if before is None:  # every configuration starts from the same instruction
