@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--reuse", nargs="+", default=[], metavar="CONFIG=JSON",
                    help="take CONFIG's instruction from an earlier report instead of compiling")
     args = p.parse_args()
-    reuse = dict(item.split("=", 1) for item in args.reuse)
+    reuse = dict(item.rsplit("=", 1) for item in args.reuse)  # a configuration name may hold "=" itself
     unknown = set(reuse) - set(args.configs)
     if unknown:
         p.error(f"--reuse names configurations not in --configs: {sorted(unknown)}")
