@@ -34,13 +34,14 @@ HERE = pathlib.Path(__file__).resolve().parent
 CONFIGS = ("default", "default-score", "default-loss", "faithful")
 
 
-def config_spec(name: str) -> str:
-    """A configuration name, optionally with ``+field=value`` GreaterConfig overrides (JSON values)."""
+def parse_config(name: str) -> tuple[str, dict]:
+    """``(base configuration, GreaterConfig overrides)`` of a name like ``default+eval_every=1`` (JSON values)."""
     base, *fields = name.split("+")
     if base not in CONFIGS:
         raise argparse.ArgumentTypeError(f"unknown configuration {base!r}; choose from {', '.join(CONFIGS)}")
     from dspy_greater.search import GreaterConfig
 
+    overrides = {}
     for field in fields:
         key, sep, value = field.partition("=")
         if not sep:
@@ -48,9 +49,15 @@ def config_spec(name: str) -> str:
         if key not in GreaterConfig.field_names():
             raise argparse.ArgumentTypeError(f"{key!r} in {name!r} is not a GreaterConfig field")
         try:
-            json.loads(value)
+            overrides[key] = json.loads(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"the value of {key!r} in {name!r} is not JSON (strings need quotes)") from None
+    return base, overrides
+
+
+def config_spec(name: str) -> str:
+    """argparse type: the name itself, once :func:`parse_config` accepts it."""
+    parse_config(name)
     return name
 
 
@@ -93,9 +100,8 @@ def main() -> None:
     before = None
     after_predictions = {}
     for name in args.configs:
-        base, *fields = name.split("+")
-        common = dict(num_steps=args.steps, max_reasoning_tokens=args.reasoning_tokens, seed=args.seed,
-                      **{k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)})
+        base, overrides = parse_config(name)
+        common = dict(num_steps=args.steps, max_reasoning_tokens=args.reasoning_tokens, seed=args.seed, **overrides)
         if base == "faithful":
             config = GreaterConfig.faithful(**{"prefix_cache": False, **common})
         else:
