@@ -51,7 +51,11 @@ class GreaterConfig:
         reasoning_temperature: 0 is greedy (paper's research code); the authors' library samples at 0.2.
         finalist_scoring: ``"regenerate"`` regenerates the reasoning under every finalist before
             scoring it (paper); ``"teacher_forced"`` scores finalists on the current reasoning and
-            regenerates only for the winner, which the next step needs anyway.
+            regenerates only for the winner, which the next step needs anyway; ``"confirm"``
+            screens the challengers teacher-forced, then regenerates the reasoning under the best
+            one only and lets it replace the current token only if it still ranks ahead on its own
+            reasoning (one generation per step instead of ``num_finalists``; needs ``keep_current``).
+            A screen alone favours tokens that suit the old reasoning, not the reasoning they lead to.
         keep_current: Also score the current token and keep it if no finalist beats it. The paper
             always replaces it with the best finalist.
         finalist_key: How finalists (and the current token) are ranked. ``"score"`` (paper): mistake
@@ -149,10 +153,12 @@ class GreaterConfig:
             raise ValueError("GreaterConfig.answer_temperature must be > 0 (the paper uses 0.2).")
         if self.reasoning_temperature < 0:
             raise ValueError("GreaterConfig.reasoning_temperature must be >= 0 (0 is greedy decoding).")
-        if self.finalist_scoring not in ("regenerate", "teacher_forced"):
-            raise ValueError(
-                f"GreaterConfig.finalist_scoring must be 'regenerate' or 'teacher_forced', got {self.finalist_scoring!r}."
-            )
+        if self.finalist_scoring not in ("regenerate", "teacher_forced", "confirm"):
+            raise ValueError(f"GreaterConfig.finalist_scoring must be 'regenerate', 'teacher_forced' or 'confirm', "
+                             f"got {self.finalist_scoring!r}.")
+        if self.finalist_scoring == "confirm" and not self.keep_current:
+            raise ValueError("GreaterConfig.finalist_scoring='confirm' checks the screened finalist against the "
+                             "current token, so it needs keep_current=True (or use 'regenerate' or 'teacher_forced').")
         if self.finalist_key not in ("score", "loss"):
             raise ValueError(f"GreaterConfig.finalist_key must be 'score' or 'loss', got {self.finalist_key!r}.")
         if self.allowed_tokens not in ("words", "ascii", "all"):
@@ -372,7 +378,7 @@ class GreaterSearch:
         seqs = []
         for token in finalists:
             trial = [*instruction[:position], token, *instruction[position + 1 :]]
-            own = reasoning if self.config.finalist_scoring == "teacher_forced" else self.reasoning(trial, examples)
+            own = self.reasoning(trial, examples) if self.config.finalist_scoring == "regenerate" else reasoning
             seqs += self.sequences(trial, examples, own)
         rows = list(range(len(examples))) * len(finalists)  # every finalist continues each example's prefix
         scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix, prefix_rows=rows)
@@ -606,7 +612,7 @@ class GreaterSearch:
             self._kept_gradients.update({(ex, key): g for ex, g in zip(batch, kept_out)})
         seconds["gradient"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
+        t0, confirming = time.perf_counter(), 0.0
         if not math.isfinite(loss) or not torch.isfinite(grad).all():
             logger.warning("Step %d: the loss (%s) or part of its gradient is not finite; candidates with a "
                            "non-finite gradient are ranked last.", step, loss)
@@ -627,8 +633,15 @@ class GreaterSearch:
             logger.warning("Step %d: skipping finalists with a non-finite score: %s", step,
                            [s["token"] for s in scored if s not in finite])
         winner = min(finite, key=self._finalist_rank)
+        challengers = [s for s in finite if s["token_id"] != current]
+        if cfg.finalist_scoring == "confirm" and challengers:
+            best = min(challengers, key=self._finalist_rank)
+            confirming = self._confirm(best, instruction, position, batch, train, prefix)
+            kept = [s for s in finite if s["token_id"] == current]
+            winner = min([*kept, best], key=self._finalist_rank)  # the current token first: a tie keeps it
         instruction = [*instruction[:position], winner["token_id"], *instruction[position + 1 :]]
-        seconds["select"] = time.perf_counter() - t0
+        seconds["select"] = time.perf_counter() - t0 - confirming
+        seconds["generate"] += confirming  # the confirmation's reasoning counts as generation
         return dict(
             step=step,
             position=position,
@@ -641,6 +654,20 @@ class GreaterSearch:
             seconds=seconds,
             instruction_ids=instruction,
         )
+
+    def _confirm(self, scored: dict, instruction: list[int], position: int, batch: list[SearchExample],
+                 train: list[SearchExample], prefix: Prefix | None) -> float:
+        """Rescore a screened finalist on its own regenerated reasoning, in place (the screen's numbers
+        move to ``scored["screen"]``). Returns the seconds spent generating."""
+        trial = [*instruction[:position], scored["token_id"], *instruction[position + 1 :]]
+        t0 = time.perf_counter()
+        own = self.reasoning(trial, batch, pool=train)  # the next step needs it if the finalist wins
+        generating = time.perf_counter() - t0
+        scores = self.lm.score(self.sequences(trial, batch, own), answer_temperature=self.config.answer_temperature,
+                               prefix=prefix)
+        scored["screen"] = {k: scored[k] for k in ("mistake_rate", "answer_loss", "fluency", "score")}
+        scored.update(self._summarize_scores(scores))
+        return generating
 
     def _finalist_rank(self, scored: dict) -> tuple[float, float]:
         """Lower is better (see ``GreaterConfig.finalist_key``)."""
