@@ -55,6 +55,19 @@ def parse_config(name: str) -> tuple[str, dict]:
     return base, overrides
 
 
+def step_summary(record: dict) -> dict:
+    """What a step chose and why, from its trace record (finalists with their batch mistake rate and
+    answer loss; a confirmed finalist also with its teacher-forced screen's)."""
+    keys = ("mistake_rate", "answer_loss", "fluency")
+    return {
+        "position": record["position"], "chosen": record["chosen"], "changed": record["changed"],
+        "heldout_accuracy": record["heldout_accuracy"], "instruction": record["instruction"],
+        "finalists": [{"token": f["token"], **{k: round(f[k], 4) for k in keys},
+                       **({"screen": {k: round(f["screen"][k], 4) for k in keys}} if "screen" in f else {})}
+                      for f in record["finalists"]],
+    }
+
+
 def config_spec(name: str) -> str:
     """argparse type: the name itself, once :func:`parse_config` accepts it."""
     parse_config(name)
@@ -129,6 +142,7 @@ def main() -> None:
                 "best_instruction": result["best_instruction"],
                 "heldout_before": result["initial_heldout"]["accuracy"],
                 "heldout_best": result["best_heldout"]["accuracy"],
+                "steps": [step_summary(record) for record in result["trace"]],
             }
         after_predictions[name], labels = tp.optimizer_predictions(optimized, test)
         entry.update(test_before=summarize(labels, before[0]), test_after=summarize(labels, after_predictions[name]),
