@@ -7,7 +7,6 @@ given examples as ``(inputs_text, label)`` pairs, a layout and an answer extract
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -55,7 +54,8 @@ class GreaterConfig:
             screens the challengers teacher-forced, then regenerates the reasoning under the best
             one only and lets it replace the current token only if it still ranks ahead on its own
             reasoning (one generation per step instead of ``num_finalists``; needs ``keep_current``).
-            A screen alone favours tokens that suit the old reasoning, not the reasoning they lead to.
+            On SmolLM2-135M the screen predicts a token's effect on its own reasoning poorly:
+            ``"regenerate"`` gained more held-out accuracy than either (benchmarks/README.md, section 3).
         keep_current: Also score the current token and keep it if no finalist beats it. The paper
             always replaces it with the best finalist.
         finalist_key: How finalists (and the current token) are ranked. ``"score"`` (paper): mistake
@@ -290,24 +290,34 @@ class GreaterSearch:
                 or 8, so they come at a fraction of what a batch of their own costs later. Not done
                 with a generation server (``lm.generator``), which serves one request at a time.
         """
+        return self.reasoning_under_each([instruction], examples, pool)[0]
+
+    def reasoning_under_each(
+        self, instructions: list[list[int]], examples: list[SearchExample], pool: list[SearchExample] = ()
+    ) -> list[list[list[int]]]:
+        """:meth:`reasoning` for several instructions, with whatever is missing generated in one call
+        (a generation batch may hold rows of different instructions)."""
         if not self.layout.reasons:  # the layout answers right away (a ChatAdapter reply without reasoning)
-            return [[] for _ in examples]
-        key = tuple(instruction)
-        missing = [ex for ex in dict.fromkeys(examples) if (ex.inputs_text, key) not in self._reasoning]
+            return [[[] for _ in examples] for _ in instructions]
+
+        def lacking(group: list[SearchExample]) -> list[tuple[tuple[int, ...], SearchExample]]:
+            keys = dict.fromkeys(tuple(i) for i in instructions)
+            return [(key, ex) for key in keys for ex in dict.fromkeys(group) if (ex.inputs_text, key) not in self._reasoning]
+
+        missing = lacking(examples)
         if missing:
             room = 0 if self.lm.generator is not None else -len(missing) % self.lm.batch_size
-            spare = (ex for ex in dict.fromkeys(pool) if ex not in missing and (ex.inputs_text, key) not in self._reasoning)
-            missing += list(itertools.islice(spare, room))
-            prompts = [self.layout.prompt(ex.inputs_text, instruction) for ex in missing]
+            missing += [pair for pair in lacking(pool) if pair not in missing][:room]
+            prompts = [self.layout.prompt(ex.inputs_text, list(key)) for key, ex in missing]
             stops = {"stop_strings": list(self.layout.stop_strings)} if self.layout.stop_strings else {}
             stored = {"context_lengths": [p.instruction_start for p in prompts]} if self.config.prefix_cache else {}
             outputs = self.lm.generate(
                 [p.ids for p in prompts], max_new_tokens=self.config.max_reasoning_tokens,
                 temperature=self.config.reasoning_temperature, **stops, **stored,
             )
-            for ex, out in zip(missing, outputs):
+            for (key, ex), out in zip(missing, outputs):
                 self._reasoning[(ex.inputs_text, key)] = self.layout.finish_reasoning(out)
-        return [self._reasoning[(ex.inputs_text, key)] for ex in examples]
+        return [[self._reasoning[(ex.inputs_text, tuple(i))] for ex in examples] for i in instructions]
 
     def sequences(self, instruction: list[int], examples: list[SearchExample], reasoning: list[list[int]]) -> list[Sequence]:
         return [
@@ -375,11 +385,12 @@ class GreaterSearch:
         """Each finalist token's per-example scores at ``position``, teacher-forced on ``reasoning``
         (or on its own reasoning with ``finalist_scoring="regenerate"``), all in one scoring call
         whose batches group sequences of equal length across finalists."""
-        seqs = []
-        for token in finalists:
-            trial = [*instruction[:position], token, *instruction[position + 1 :]]
-            own = self.reasoning(trial, examples) if self.config.finalist_scoring == "regenerate" else reasoning
-            seqs += self.sequences(trial, examples, own)
+        trials = [[*instruction[:position], token, *instruction[position + 1 :]] for token in finalists]
+        if self.config.finalist_scoring == "regenerate":  # one generation call for all the finalists
+            owns = self.reasoning_under_each(trials, examples)
+        else:
+            owns = [reasoning] * len(trials)
+        seqs = [seq for trial, own in zip(trials, owns) for seq in self.sequences(trial, examples, own)]
         rows = list(range(len(examples))) * len(finalists)  # every finalist continues each example's prefix
         scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix, prefix_rows=rows)
         n = len(examples)

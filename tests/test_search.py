@@ -583,6 +583,24 @@ def test_generation_batch_room_is_filled_from_the_pool(lm, layout, navigate, mon
 
 
 @pytest.mark.slow
+def test_reasoning_under_several_instructions_is_generated_in_one_call(lm, layout, navigate, monkeypatch):
+    """Rows of different instructions share generation batches and get what each gets alone."""
+    extractor, nav = navigate
+    examples = nav[:3]
+    instructions = [layout.encode(text) for text in ("Think carefully", "Think slowly", "Answer carefully")]
+    calls = []
+    generate = lm.generate
+    monkeypatch.setattr(lm, "generate", lambda prompts, **kw: calls.append(len(prompts)) or generate(prompts, **kw))
+    together = _search(lm, layout, extractor, max_reasoning_tokens=10)
+    both = together.reasoning_under_each(instructions, examples)
+    assert calls == [9]
+    assert together.reasoning_under_each(instructions[1:], examples) == both[1:] and calls == [9]  # cached
+    alone = _search(lm, layout, extractor, max_reasoning_tokens=10)
+    assert [alone.reasoning(i, examples) for i in instructions] == both
+    assert calls == [9, 3, 3, 3]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix_cache", [True, False])
 def test_evaluate_reads_predictions_and_loss_from_one_pass(lm, layout, navigate, prefix_cache):
     """Held-out predictions (the likelier answer's first token after the extractor) and the mean
