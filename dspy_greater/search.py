@@ -623,7 +623,7 @@ class GreaterSearch:
             self._kept_gradients.update({(ex, key): g for ex, g in zip(batch, kept_out)})
         seconds["gradient"] = time.perf_counter() - t0
 
-        t0, confirming = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
         if not math.isfinite(loss) or not torch.isfinite(grad).all():
             logger.warning("Step %d: the loss (%s) or part of its gradient is not finite; candidates with a "
                            "non-finite gradient are ranked last.", step, loss)
@@ -647,12 +647,11 @@ class GreaterSearch:
         challengers = [s for s in finite if s["token_id"] != current]
         if cfg.finalist_scoring == "confirm" and challengers:
             best = min(challengers, key=self._finalist_rank)
-            confirming = self._confirm(best, instruction, position, batch, train, prefix)
+            self._confirm(best, instruction, position, batch, train, prefix)
             kept = [s for s in finite if s["token_id"] == current]
             winner = min([*kept, best], key=self._finalist_rank)  # the current token first: a tie keeps it
         instruction = [*instruction[:position], winner["token_id"], *instruction[position + 1 :]]
-        seconds["select"] = time.perf_counter() - t0 - confirming
-        seconds["generate"] += confirming  # the confirmation's reasoning counts as generation
+        seconds["select"] = time.perf_counter() - t0  # with any finalist's regenerated reasoning
         return dict(
             step=step,
             position=position,
@@ -667,18 +666,15 @@ class GreaterSearch:
         )
 
     def _confirm(self, scored: dict, instruction: list[int], position: int, batch: list[SearchExample],
-                 train: list[SearchExample], prefix: Prefix | None) -> float:
+                 train: list[SearchExample], prefix: Prefix | None) -> None:
         """Rescore a screened finalist on its own regenerated reasoning, in place (the screen's numbers
-        move to ``scored["screen"]``). Returns the seconds spent generating."""
+        move to ``scored["screen"]``)."""
         trial = [*instruction[:position], scored["token_id"], *instruction[position + 1 :]]
-        t0 = time.perf_counter()
         own = self.reasoning(trial, batch, pool=train)  # the next step needs it if the finalist wins
-        generating = time.perf_counter() - t0
         scores = self.lm.score(self.sequences(trial, batch, own), answer_temperature=self.config.answer_temperature,
                                prefix=prefix)
         scored["screen"] = {k: scored[k] for k in ("mistake_rate", "answer_loss", "fluency", "score")}
         scored.update(self._summarize_scores(scores))
-        return generating
 
     def _finalist_rank(self, scored: dict) -> tuple[float, float]:
         """Lower is better (see ``GreaterConfig.finalist_key``)."""
