@@ -118,7 +118,7 @@ def worker_ours(args) -> dict:
         config = GreaterConfig(**common, finalist_key=key, **({"batch_size": None} if args.full_batch else {}))
     elif args.system in ("ours-regenerate", "ours-regenerate-batch24", "ours-batch24"):
         config = GreaterConfig(**common, finalist_scoring="teacher_forced" if args.system == "ours-batch24" else "regenerate",
-                               model_batch_size=24 if args.system.endswith("batch24") else 8)
+                               **({"model_batch_size": 24} if args.system.endswith("batch24") else {}))
     elif args.system == "ours-paper-protocol":
         config = GreaterConfig(**common, batch_size=None, keep_current=False)
     elif args.system == "ours-faithful-cost":

@@ -300,9 +300,11 @@ class GreaterSearch:
         if not self.layout.reasons:  # the layout answers right away (a ChatAdapter reply without reasoning)
             return [[[] for _ in examples] for _ in instructions]
 
+        keys = [tuple(i) for i in instructions]
+
         def lacking(group: list[SearchExample]) -> list[tuple[tuple[int, ...], SearchExample]]:
-            keys = dict.fromkeys(tuple(i) for i in instructions)
-            return [(key, ex) for key in keys for ex in dict.fromkeys(group) if (ex.inputs_text, key) not in self._reasoning]
+            return [(key, ex) for key in dict.fromkeys(keys) for ex in dict.fromkeys(group)
+                    if (ex.inputs_text, key) not in self._reasoning]
 
         missing = lacking(examples)
         if missing:
@@ -317,7 +319,7 @@ class GreaterSearch:
             )
             for (key, ex), out in zip(missing, outputs):
                 self._reasoning[(ex.inputs_text, key)] = self.layout.finish_reasoning(out)
-        return [[self._reasoning[(ex.inputs_text, tuple(i))] for ex in examples] for i in instructions]
+        return [[self._reasoning[(ex.inputs_text, key)] for ex in examples] for key in keys]
 
     def sequences(self, instruction: list[int], examples: list[SearchExample], reasoning: list[list[int]]) -> list[Sequence]:
         return [
@@ -385,7 +387,7 @@ class GreaterSearch:
         """Each finalist token's per-example scores at ``position``, teacher-forced on ``reasoning``
         (or on its own reasoning with ``finalist_scoring="regenerate"``), all in one scoring call
         whose batches group sequences of equal length across finalists."""
-        trials = [[*instruction[:position], token, *instruction[position + 1 :]] for token in finalists]
+        trials = [_with_token(instruction, position, token) for token in finalists]
         if self.config.finalist_scoring == "regenerate":  # one generation call for all the finalists
             owns = self.reasoning_under_each(trials, examples)
         else:
@@ -650,7 +652,7 @@ class GreaterSearch:
             self._confirm(best, instruction, position, batch, train, prefix)
             kept = [s for s in finite if s["token_id"] == current]
             winner = min([*kept, best], key=self._finalist_rank)  # the current token first: a tie keeps it
-        instruction = [*instruction[:position], winner["token_id"], *instruction[position + 1 :]]
+        instruction = _with_token(instruction, position, winner["token_id"])
         seconds["select"] = time.perf_counter() - t0  # with any finalist's regenerated reasoning
         return dict(
             step=step,
@@ -669,7 +671,7 @@ class GreaterSearch:
                  train: list[SearchExample], prefix: Prefix | None) -> None:
         """Rescore a screened finalist on its own regenerated reasoning, in place (the screen's numbers
         move to ``scored["screen"]``)."""
-        trial = [*instruction[:position], scored["token_id"], *instruction[position + 1 :]]
+        trial = _with_token(instruction, position, scored["token_id"])
         own = self.reasoning(trial, batch, pool=train)  # the next step needs it if the finalist wins
         scores = self.lm.score(self.sequences(trial, batch, own), answer_temperature=self.config.answer_temperature,
                                prefix=prefix)
@@ -691,6 +693,11 @@ class GreaterSearch:
         if ends_sentence or len(instruction) >= self.config.max_instruction_tokens:
             return 0
         return position
+
+
+def _with_token(instruction: list[int], position: int, token: int) -> list[int]:
+    """``instruction`` with ``token`` at ``position``."""
+    return [*instruction[:position], token, *instruction[position + 1 :]]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
