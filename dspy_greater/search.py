@@ -645,13 +645,14 @@ class GreaterSearch:
         if len(finite) < len(scored):
             logger.warning("Step %d: skipping finalists with a non-finite score: %s", step,
                            [s["token"] for s in scored if s not in finite])
-        winner = min(finite, key=self._finalist_rank)
         challengers = [s for s in finite if s["token_id"] != current]
         if cfg.finalist_scoring == "confirm" and challengers:
             best = min(challengers, key=self._finalist_rank)
             self._confirm(best, instruction, position, batch, train, prefix)
             kept = [s for s in finite if s["token_id"] == current]
             winner = min([*kept, best], key=self._finalist_rank)  # the current token first: a tie keeps it
+        else:
+            winner = min(finite, key=self._finalist_rank)
         instruction = _with_token(instruction, position, winner["token_id"])
         seconds["select"] = time.perf_counter() - t0  # with any finalist's regenerated reasoning
         return dict(
