@@ -51,8 +51,8 @@ def main() -> None:
         owns = search.reasoning_under_each([_with_token(instruction, position, t) for t in finalists], batch)
         for token, own in zip(finalists, owns):
             pairs.extend({"position": position, "token": layout.decode([token]), "current_tokens": len(current),
-                       "own_tokens": len(mine), "shared_lead": shared_lead(current, mine)}
-                      for current, mine in zip(reasoning, own))
+                          "own_tokens": len(mine), "shared_lead": shared_lead(current, mine)}
+                         for current, mine in zip(reasoning, own))
         return score_finalists(instruction, position, finalists, batch, reasoning, prefix)
 
     search._score_finalists = recording
