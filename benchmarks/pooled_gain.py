@@ -1,0 +1,128 @@
+"""Pool quality.py runs: is the default's test gain at least the faithful run's, over tasks and seeds?
+
+Each quality report compares configurations on one task and seeded split; one run's 95% interval
+is about +-0.1, wider than the gains. This reads several reports, takes from each the run that has
+the default, the regenerate setting and the faithful protocol, and pools the paired differences of
+their test accuracies after compiling (the same examples and starting instruction, so the
+difference of the gains):
+
+- per run: the gains and the paired difference with its interval (as quality.py reports it);
+- pooled: the mean of the runs' differences, with two bootstrap 95% intervals: "examples"
+  resamples each run's test examples (the test-sample noise alone, splits held fixed) and "runs"
+  resamples the runs as well (also the noise of which split and task a run drew), the one to read
+  when asking whether a configuration gains less in general.
+
+A run's per-example differences are rebuilt from its counts (examples only one of the two gets
+right); the rest agree and count 0.
+
+    python benchmarks/pooled_gain.py benchmarks/results/quality_seed1_navigate.json ... \
+        --output benchmarks/results/pooled_gain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import statistics
+
+BASELINE = "faithful"
+
+
+def short_name(config: str) -> str | None:
+    """``default``, ``regenerate`` or ``faithful`` for the configurations pooled here, else None."""
+    if config in ("default", "faithful"):
+        return config
+    fields = config.split("+")
+    if fields[0] == "default" and fields[1:2] == ['finalist_scoring="regenerate"'] and all(
+            f.startswith("model_batch_size=") for f in fields[2:]):
+        return "regenerate"  # the model batch size changes the cost, not the instruction
+    return None
+
+
+def runs_of(report: dict) -> list[dict]:
+    """The runs in a quality.py report (a single run, or ``{"runs": [...]}`` from several)."""
+    runs = report.get("runs", [report])
+    return list(runs.values()) if isinstance(runs, dict) else runs
+
+
+def comparable_run(path: pathlib.Path) -> dict:
+    """The run in ``path`` with the default, regenerate and faithful configurations, summarized."""
+    for run in runs_of(json.loads(path.read_text())):
+        names = {short_name(c): c for c in run["configs"] if short_name(c)}
+        if len(names) < 3:
+            continue
+        gains = {s: run["configs"][c]["test_after"]["accuracy"] - run["configs"][c]["test_before"]["accuracy"]
+                 for s, c in names.items()}
+        n = run["configs"][names["default"]]["test_after"]["n"]
+        pairs = {}
+        for a, b in (("default", BASELINE), ("regenerate", BASELINE), ("default", "regenerate")):
+            key = f"{names[a]} - {names[b]}"
+            flipped = key not in run["after_differences"]
+            d = run["after_differences"][f"{names[b]} - {names[a]}" if flipped else key]
+            a_only, b_only = (d["b_only"], d["a_only"]) if flipped else (d["a_only"], d["b_only"])
+            pairs[f"{a} - {b}"] = {"a_only": a_only, "b_only": b_only, "n": n,
+                                   "difference": (a_only - b_only) / n}
+        return {"file": str(path), "task": run["task"], "seed": run["seed"], "n": n, "gains": gains,
+                "pairs": pairs}
+    raise SystemExit(f"{path}: no run with the default, regenerate and faithful configurations; "
+                     "pass a quality.py report that compiled or reused all three")
+
+
+def deltas(pair: dict) -> list[int]:
+    return [1] * pair["a_only"] + [-1] * pair["b_only"] + [0] * (pair["n"] - pair["a_only"] - pair["b_only"])
+
+
+def pooled(pairs: list[dict], *, resamples: int, seed: int) -> dict:
+    """Mean of the runs' differences with example-level and run-level bootstrap 95% intervals."""
+    rng = random.Random(seed)
+    per_run = [deltas(p) for p in pairs]
+
+    def resampled_mean(runs):
+        return statistics.fmean(sum(rng.choices(d, k=len(d))) / len(d) for d in runs)
+
+    examples = sorted(resampled_mean(per_run) for _ in range(resamples))
+    runs = sorted(resampled_mean(rng.choices(per_run, k=len(per_run))) for _ in range(resamples))
+    lo, hi = int(0.025 * (resamples - 1)), int(0.975 * (resamples - 1))
+    return {
+        "mean_difference": statistics.fmean(p["difference"] for p in pairs),
+        "examples_interval": [examples[lo], examples[hi]],
+        "runs_interval": [runs[lo], runs[hi]],
+        "runs_at_least": sum(p["difference"] >= 0 for p in pairs),
+        "runs": len(pairs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("reports", nargs="+", type=pathlib.Path, help="quality.py JSON reports")
+    ap.add_argument("--resamples", type=int, default=4000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", type=pathlib.Path)
+    args = ap.parse_args()
+
+    runs = [comparable_run(p) for p in args.reports]
+    summary = {name: pooled([r["pairs"][name] for r in runs], resamples=args.resamples, seed=args.seed)
+               for name in runs[0]["pairs"]}
+    mean_gains = {c: statistics.fmean(r["gains"][c] for r in runs) for c in ("default", "regenerate", BASELINE)}
+
+    print("| task, seed | n | gain default / regenerate / faithful | default - faithful | regenerate - faithful |")
+    print("|---|---|---|---|---|")
+    for r in runs:
+        g, p = r["gains"], r["pairs"]
+        print(f"| {r['task']}, {r['seed']} | {r['n']} | {g['default']:+.3f} / {g['regenerate']:+.3f} / "
+              f"{g[BASELINE]:+.3f} | {p['default - faithful']['difference']:+.3f} | "
+              f"{p['regenerate - faithful']['difference']:+.3f} |")
+    print(f"\nmean gains over {len(runs)} runs: " + ", ".join(f"{c} {v:+.3f}" for c, v in mean_gains.items()))
+    for name, s in summary.items():
+        print(f"{name}: mean {s['mean_difference']:+.3f}, 95% examples [{s['examples_interval'][0]:+.3f}, "
+              f"{s['examples_interval'][1]:+.3f}], runs [{s['runs_interval'][0]:+.3f}, {s['runs_interval'][1]:+.3f}], "
+              f">= 0 in {s['runs_at_least']} of {s['runs']}")
+    if args.output:
+        args.output.write_text(json.dumps({"command": "python benchmarks/pooled_gain.py " + " ".join(
+            str(p) for p in args.reports), "runs": runs, "mean_gains": mean_gains, "pooled": summary}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The arithmetic behind benchmarks/pooled_gain.py: runs found in quality.py reports, paired counts
+read in either order, and the pooled mean with its intervals. Hand-written reports; no model."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+POOLED = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "pooled_gain.py"
+REGENERATE = 'default+finalist_scoring="regenerate"+model_batch_size=24'
+
+
+@pytest.fixture(scope="module")
+def pooled_gain():
+    spec = importlib.util.spec_from_file_location("pooled_gain_under_test", POOLED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def config(before, after, n=100):
+    return {"test_before": {"accuracy": before, "n": n}, "test_after": {"accuracy": after, "n": n}}
+
+
+def report(tmp_path, name, differences, *, wrapped=False):
+    run = {"task": "navigate", "seed": 3,
+           "configs": {"default": config(0.4, 0.45), REGENERATE: config(0.4, 0.5), "faithful": config(0.4, 0.42)},
+           "after_differences": differences}
+    body = {"runs": [{"task": "navigate", "seed": 3, "configs": {"default+eval_every=1": config(0.4, 0.4)},
+                      "after_differences": {}}, run]} if wrapped else run
+    path = tmp_path / name
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_paired_counts_are_read_in_either_order(pooled_gain, tmp_path):
+    path = report(tmp_path, "a.json", {
+        f"default - {REGENERATE}": {"a_only": 2, "b_only": 7},
+        "faithful - default": {"a_only": 4, "b_only": 7},  # stored the other way round
+        f"{REGENERATE} - faithful": {"a_only": 9, "b_only": 1},
+    }, wrapped=True)
+    run = pooled_gain.comparable_run(path)
+    assert run["gains"] == pytest.approx({"default": 0.05, "regenerate": 0.1, "faithful": 0.02})
+    assert run["pairs"]["default - faithful"] == {"a_only": 7, "b_only": 4, "n": 100, "difference": 0.03}
+    assert run["pairs"]["regenerate - faithful"]["difference"] == pytest.approx(0.08)
+    assert run["pairs"]["default - regenerate"]["difference"] == pytest.approx(-0.05)
+
+
+def test_pooled_mean_and_intervals(pooled_gain):
+    pairs = [{"a_only": 10, "b_only": 0, "n": 100, "difference": 0.1},
+             {"a_only": 0, "b_only": 0, "n": 100, "difference": 0.0},
+             {"a_only": 0, "b_only": 4, "n": 50, "difference": -0.08}]
+    s = pooled_gain.pooled(pairs, resamples=500, seed=0)
+    assert s["mean_difference"] == pytest.approx(0.02 / 3)
+    assert s["runs_at_least"] == 2 and s["runs"] == 3
+    for low, high in (s["examples_interval"], s["runs_interval"]):
+        assert low < s["mean_difference"] < high
+    # resampling whole runs adds the spread between them: its interval is the wider one
+    assert s["runs_interval"][1] - s["runs_interval"][0] > s["examples_interval"][1] - s["examples_interval"][0]
+
+
+def test_a_report_without_the_three_configurations_is_named(pooled_gain, tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"task": "navigate", "seed": 0, "configs": {"default": config(0.4, 0.4)},
+                                "after_differences": {}}))
+    with pytest.raises(SystemExit, match="b.json: no run with the default, regenerate and faithful"):
+        pooled_gain.comparable_run(path)
