@@ -153,17 +153,26 @@ def evaluate(program, examples) -> dict:
     return row
 
 
-def bootstrap_mean_ci(groups: list[np.ndarray], rng: np.random.Generator, n: int = BOOTSTRAP) -> tuple[float, float, float]:
-    """Mean of the group means, and a 95% percentile CI resampling examples within each group."""
+def bootstrap_mean_ci(groups: list[np.ndarray], rng: np.random.Generator, n: int = BOOTSTRAP, *,
+                      resample_groups: bool = False) -> tuple[float, float, float]:
+    """Mean of the group means, and a 95% percentile CI resampling examples within each group.
+
+    With ``resample_groups`` each draw also picks the groups with replacement, so the interval
+    carries the spread between groups (which task or seed a run drew) as well as within them.
+    """
     groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
     if not groups:
         return float("nan"), float("nan"), float("nan")
     point = float(np.mean([g.mean() for g in groups]))
-    stats = np.zeros(n)
-    for g in groups:
-        idx = rng.integers(0, len(g), size=(n, len(g)))
-        stats += g[idx].mean(axis=1)
-    stats /= len(groups)
+    if resample_groups:
+        stats = np.array([np.mean([groups[j][rng.integers(0, len(groups[j]), len(groups[j]))].mean()
+                                   for j in rng.integers(0, len(groups), len(groups))]) for _ in range(n)])
+    else:
+        stats = np.zeros(n)
+        for g in groups:
+            idx = rng.integers(0, len(g), size=(n, len(g)))
+            stats += g[idx].mean(axis=1)
+        stats /= len(groups)
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return point, float(lo), float(hi)
 

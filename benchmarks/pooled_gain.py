@@ -24,8 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import random
 import statistics
+
+import numpy as np
+
+from compare import bootstrap_mean_ci
 
 BASELINE = "faithful"
 
@@ -70,25 +73,22 @@ def comparable_run(path: pathlib.Path) -> dict:
                      "pass a quality.py report that compiled or reused all three")
 
 
-def deltas(pair: dict) -> list[int]:
-    return [1] * pair["a_only"] + [-1] * pair["b_only"] + [0] * (pair["n"] - pair["a_only"] - pair["b_only"])
+def deltas(pair: dict) -> np.ndarray:
+    """Per-example differences (+1, -1 or 0) of a pair, rebuilt from its counts."""
+    a, b, n = pair["a_only"], pair["b_only"], pair["n"]
+    return np.array([1] * a + [-1] * b + [0] * (n - a - b))
 
 
 def pooled(pairs: list[dict], *, resamples: int, seed: int) -> dict:
     """Mean of the runs' differences with example-level and run-level bootstrap 95% intervals."""
-    rng = random.Random(seed)
+    rng = np.random.default_rng(seed)
     per_run = [deltas(p) for p in pairs]
-
-    def resampled_mean(runs):
-        return statistics.fmean(sum(rng.choices(d, k=len(d))) / len(d) for d in runs)
-
-    examples = sorted(resampled_mean(per_run) for _ in range(resamples))
-    runs = sorted(resampled_mean(rng.choices(per_run, k=len(per_run))) for _ in range(resamples))
-    lo, hi = int(0.025 * (resamples - 1)), int(0.975 * (resamples - 1))
+    mean, *examples = bootstrap_mean_ci(per_run, rng, resamples)
+    _, *runs = bootstrap_mean_ci(per_run, rng, resamples, resample_groups=True)
     return {
-        "mean_difference": statistics.fmean(p["difference"] for p in pairs),
-        "examples_interval": [examples[lo], examples[hi]],
-        "runs_interval": [runs[lo], runs[hi]],
+        "mean_difference": mean,
+        "examples_interval": examples,
+        "runs_interval": runs,
         "runs_at_least": sum(p["difference"] >= 0 for p in pairs),
         "runs": len(pairs),
     }

@@ -11,8 +11,9 @@ POOLED = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "pooled
 REGENERATE = 'default+finalist_scoring="regenerate"+model_batch_size=24'
 
 
-@pytest.fixture(scope="module")
-def pooled_gain():
+@pytest.fixture
+def pooled_gain(monkeypatch):
+    monkeypatch.syspath_prepend(str(POOLED.parent))  # it imports compare.py's bootstrap, as when run as a script
     spec = importlib.util.spec_from_file_location("pooled_gain_under_test", POOLED)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
