@@ -6,7 +6,7 @@ the default, the regenerate setting and the faithful protocol, and pools the pai
 their test accuracies after compiling (the same examples and starting instruction, so the
 difference of the gains):
 
-- per run: the gains and the paired difference with its interval (as quality.py reports it);
+- per run: the gains and the paired difference (quality.py reports its interval);
 - pooled: the mean of the runs' differences, with two bootstrap 95% intervals: "examples"
   resamples each run's test examples (the test-sample noise alone, splits held fixed) and "runs"
   resamples the runs as well (also the noise of which split and task a run drew), the one to read
