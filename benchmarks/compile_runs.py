@@ -9,6 +9,15 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def report_runs(report: dict) -> list[dict]:
+    """The runs in a report: a single run, ``{"tasks": {...}}`` (quality.py with several tasks) or
+    ``{"runs": {...}}`` (several reports gathered into one file)."""
+    runs = report.get("tasks") or report.get("runs")
+    if runs is None:
+        return [report]
+    return list(runs.values()) if isinstance(runs, dict) else list(runs)
+
+
 def parser(doc: str, *, train: int, val: int, test: int, steps: int, threads: int) -> argparse.ArgumentParser:
     """Arguments every compile benchmark takes (task, split sizes, steps, reasoning length, seed, threads)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])

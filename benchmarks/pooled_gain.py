@@ -29,6 +29,7 @@ import statistics
 import numpy as np
 
 from compare import bootstrap_mean_ci
+from compile_runs import report_runs
 
 BASELINE = "faithful"
 
@@ -44,16 +45,10 @@ def short_name(config: str) -> str | None:
     return None
 
 
-def runs_of(report: dict) -> list[dict]:
-    """The runs in a quality.py report (a single run, or ``{"runs": [...]}`` from several)."""
-    runs = report.get("runs", [report])
-    return list(runs.values()) if isinstance(runs, dict) else runs
-
-
 def comparable_run(path: pathlib.Path) -> dict:
     """The run in ``path`` with the default, regenerate and faithful configurations, summarized."""
-    for run in runs_of(json.loads(path.read_text())):
-        names = {short_name(c): c for c in run["configs"] if short_name(c)}
+    for run in report_runs(json.loads(path.read_text())):
+        names = {s: c for c in run["configs"] if (s := short_name(c))}
         if len(names) < 3:
             continue
         gains = {s: run["configs"][c]["test_after"]["accuracy"] - run["configs"][c]["test_before"]["accuracy"]

@@ -26,7 +26,7 @@ import os
 import pathlib
 import time
 
-from compile_runs import parser, setup
+from compile_runs import parser, report_runs, setup
 
 HERE = pathlib.Path(__file__).resolve().parent
 # default: GreaterConfig(); default-score / default-loss: the same with finalist_key set (paper's
@@ -75,11 +75,10 @@ def config_spec(name: str) -> str:
 
 
 def earlier_entry(path: pathlib.Path, name: str, report: dict) -> dict:
-    """``name``'s entry in an earlier report (single task, or ``{"tasks": {...}}``) made with the same
-    task, train and held-out split, seed, steps, reasoning length and dtype."""
-    data = json.loads(path.read_text())
+    """``name``'s entry in an earlier report (any layout :func:`compile_runs.report_runs` reads) made
+    with the same task, train and held-out split, seed, steps, reasoning length and dtype."""
     same = ("task", "seed", "steps", "reasoning_tokens")
-    for earlier in data["tasks"].values() if "tasks" in data else [data]:
+    for earlier in report_runs(json.loads(path.read_text())):
         if (all(earlier[k] == report[k] for k in same) and earlier["splits"][:2] == report["splits"][:2]
                 and (earlier.get("dtype") or "float32") == report["dtype"] and name in earlier["configs"]):
             return earlier["configs"][name]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -23,10 +24,7 @@ import speed
 
 def shared_lead(a: list[int], b: list[int]) -> int:
     """How many leading tokens ``a`` and ``b`` have in common."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))  # element-wise on any sequences, not only paths
 
 
 def main() -> None:

@@ -24,23 +24,24 @@ def config(before, after, n=100):
     return {"test_before": {"accuracy": before, "n": n}, "test_after": {"accuracy": after, "n": n}}
 
 
-def report(tmp_path, name, differences, *, wrapped=False):
+def report(tmp_path, name, differences, *, wrapped=None):
     run = {"task": "navigate", "seed": 3,
            "configs": {"default": config(0.4, 0.45), REGENERATE: config(0.4, 0.5), "faithful": config(0.4, 0.42)},
            "after_differences": differences}
-    body = {"runs": [{"task": "navigate", "seed": 3, "configs": {"default+eval_every=1": config(0.4, 0.4)},
-                      "after_differences": {}}, run]} if wrapped else run
+    other = {"task": "navigate", "seed": 3, "configs": {"default+eval_every=1": config(0.4, 0.4)}, "after_differences": {}}
+    body = {wrapped: {"a": other, "b": run}} if wrapped else run  # "tasks" or "runs": several runs in one file
     path = tmp_path / name
     path.write_text(json.dumps(body))
     return path
 
 
-def test_paired_counts_are_read_in_either_order(pooled_gain, tmp_path):
+@pytest.mark.parametrize("wrapped", [None, "tasks", "runs"])
+def test_paired_counts_are_read_in_either_order(pooled_gain, tmp_path, wrapped):
     path = report(tmp_path, "a.json", {
         f"default - {REGENERATE}": {"a_only": 2, "b_only": 7},
         "faithful - default": {"a_only": 4, "b_only": 7},  # stored the other way round
         f"{REGENERATE} - faithful": {"a_only": 9, "b_only": 1},
-    }, wrapped=True)
+    }, wrapped=wrapped)
     run = pooled_gain.comparable_run(path)
     assert run["gains"] == pytest.approx({"default": 0.05, "regenerate": 0.1, "faithful": 0.02})
     assert run["pairs"]["default - faithful"] == {"a_only": 7, "b_only": 4, "n": 100, "difference": 0.03}
