@@ -53,6 +53,8 @@ def comparable_run(path: pathlib.Path) -> dict:
             continue
         gains = {s: run["configs"][c]["test_after"]["accuracy"] - run["configs"][c]["test_before"]["accuracy"]
                  for s, c in names.items()}
+        heldout_gains = {s: run["configs"][c]["heldout_best"] - run["configs"][c]["heldout_before"]
+                         for s, c in names.items()}
         n = run["configs"][names["default"]]["test_after"]["n"]
         pairs = {}
         for a, b in (("default", BASELINE), ("regenerate", BASELINE), ("default", "regenerate")):
@@ -63,7 +65,7 @@ def comparable_run(path: pathlib.Path) -> dict:
             pairs[f"{a} - {b}"] = {"a_only": a_only, "b_only": b_only, "n": n,
                                    "difference": (a_only - b_only) / n}
         return {"file": str(path), "task": run["task"], "seed": run["seed"], "n": n, "gains": gains,
-                "pairs": pairs}
+                "heldout_gains": heldout_gains, "heldout_examples": run["splits"][1], "pairs": pairs}
     raise SystemExit(f"{path}: no run with the default, regenerate and faithful configurations; "
                      "pass a quality.py report that compiled or reused all three")
 
@@ -86,6 +88,24 @@ def pooled(pairs: list[dict], *, resamples: int, seed: int) -> dict:
         "runs_interval": runs,
         "runs_at_least": sum(p["difference"] >= 0 for p in pairs),
         "runs": len(pairs),
+    }
+
+
+def heldout_versus_test(runs: list[dict]) -> dict:
+    """How the chosen instruction's held-out gain (the accuracy the search chose it on) compares with
+    its test gain, over every run and configuration, and over those whose held-out accuracy rose."""
+    pairs = [(r["heldout_gains"][c], r["gains"][c]) for r in runs for c in r["gains"]]
+    rose = [(h, t) for h, t in pairs if h > 0]
+    return {
+        "heldout_examples": sorted({r["heldout_examples"] for r in runs}),
+        "compiles": len(pairs),
+        "mean_heldout_gain": statistics.fmean(h for h, _ in pairs),
+        "mean_test_gain": statistics.fmean(t for _, t in pairs),
+        "heldout_rose": len(rose),
+        "mean_heldout_gain_where_it_rose": statistics.fmean(h for h, _ in rose) if rose else None,
+        "mean_test_gain_where_it_rose": statistics.fmean(t for _, t in rose) if rose else None,
+        "test_rose_too": sum(t > 0 for _, t in rose),
+        "test_fell": sum(t < 0 for _, t in rose),
     }
 
 
@@ -114,9 +134,16 @@ def main() -> None:
         print(f"{name}: mean {s['mean_difference']:+.3f}, 95% examples [{s['examples_interval'][0]:+.3f}, "
               f"{s['examples_interval'][1]:+.3f}], runs [{s['runs_interval'][0]:+.3f}, {s['runs_interval'][1]:+.3f}], "
               f">= 0 in {s['runs_at_least']} of {s['runs']}")
+    chosen = heldout_versus_test(runs)
+    print(f"held-out ({'/'.join(map(str, chosen['heldout_examples']))} examples) against test, {chosen['compiles']} "
+          f"compiles: mean gains {chosen['mean_heldout_gain']:+.3f} / {chosen['mean_test_gain']:+.3f}; where the "
+          f"held-out accuracy rose ({chosen['heldout_rose']}): {chosen['mean_heldout_gain_where_it_rose']:+.3f} / "
+          f"{chosen['mean_test_gain_where_it_rose']:+.3f}, test rose in {chosen['test_rose_too']}, fell in "
+          f"{chosen['test_fell']}")
     if args.output:
         args.output.write_text(json.dumps({"command": "python benchmarks/pooled_gain.py " + " ".join(
-            str(p) for p in args.reports), "runs": runs, "mean_gains": mean_gains, "pooled": summary}, indent=1) + "\n")
+            str(p) for p in args.reports), "runs": runs, "mean_gains": mean_gains, "pooled": summary,
+            "heldout_versus_test": chosen}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,26 @@ def test_empty_valset_means_none_with_a_warning(tp, caplog):
     assert "valset is empty" in caplog.text and "held-out part of trainset" in caplog.text
 
 
+def _examples(n, start=0):
+    return [_example(f"Take {i} steps. Do you return?", "Yes" if i % 2 else "No") for i in range(start, start + n)]
+
+
+@pytest.mark.parametrize("trainset, valset, expected", [
+    (5, 0, "only 5 training examples and no valset, so the instruction is chosen on the training examples themselves"),
+    (24, 12, "chosen on 12 held-out examples (valset); one example moves their accuracy by 0.083"),
+    (40, 0, "chosen on 10 held-out examples (a quarter of trainset)"),
+    (24, 30, None),
+])
+def test_few_heldout_examples_are_warned_about_before_the_model_loads(tp, caplog, trainset, valset, expected):
+    with pytest.raises(AssertionError, match="loaded"), caplog.at_level("WARNING", logger="dspy_greater"):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=_examples(trainset),
+                   valset=_examples(valset, start=100) or None)
+    if expected:
+        assert expected in caplog.text and ("Pass a valset of 30 or more" in caplog.text or "or a valset" in caplog.text)
+    else:
+        assert "held-out" not in caplog.text and "valset" not in caplog.text
+
+
 def test_non_text_field_type(tp):
     class Counting(dspy.Signature):
         """Count the items."""

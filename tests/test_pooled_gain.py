@@ -20,13 +20,15 @@ def pooled_gain(monkeypatch):
     return module
 
 
-def config(before, after, n=100):
-    return {"test_before": {"accuracy": before, "n": n}, "test_after": {"accuracy": after, "n": n}}
+def config(before, after, n=100, heldout=(0.25, 0.5)):
+    return {"test_before": {"accuracy": before, "n": n}, "test_after": {"accuracy": after, "n": n},
+            "heldout_before": heldout[0], "heldout_best": heldout[1]}
 
 
 def report(tmp_path, name, differences, *, wrapped=None):
-    run = {"task": "navigate", "seed": 3,
-           "configs": {"default": config(0.4, 0.45), REGENERATE: config(0.4, 0.5), "faithful": config(0.4, 0.42)},
+    run = {"task": "navigate", "seed": 3, "splits": [24, 12, 100],
+           "configs": {"default": config(0.4, 0.45), REGENERATE: config(0.4, 0.5, heldout=(0.5, 0.5)),
+                       "faithful": config(0.4, 0.42, heldout=(0.25, 0.75))},
            "after_differences": differences}
     other = {"task": "navigate", "seed": 3, "configs": {"default+eval_every=1": config(0.4, 0.4)}, "after_differences": {}}
     body = {wrapped: {"a": other, "b": run}} if wrapped else run  # "tasks" or "runs": several runs in one file
@@ -47,6 +49,20 @@ def test_paired_counts_are_read_in_either_order(pooled_gain, tmp_path, wrapped):
     assert run["pairs"]["default - faithful"] == {"a_only": 7, "b_only": 4, "n": 100, "difference": 0.03}
     assert run["pairs"]["regenerate - faithful"]["difference"] == pytest.approx(0.08)
     assert run["pairs"]["default - regenerate"]["difference"] == pytest.approx(-0.05)
+    assert run["heldout_gains"] == pytest.approx({"default": 0.25, "regenerate": 0.0, "faithful": 0.5})
+
+
+def test_heldout_gains_are_set_beside_test_gains(pooled_gain):
+    runs = [{"heldout_examples": 12, "heldout_gains": {"default": 0.25, "faithful": 0.0},
+             "gains": {"default": -0.02, "faithful": 0.04}},
+            {"heldout_examples": 12, "heldout_gains": {"default": 0.5, "faithful": 0.25},
+             "gains": {"default": 0.1, "faithful": 0.0}}]
+    s = pooled_gain.heldout_versus_test(runs)
+    assert s["compiles"] == 4 and s["heldout_examples"] == [12]
+    assert s["mean_heldout_gain"] == pytest.approx(0.25) and s["mean_test_gain"] == pytest.approx(0.03)
+    assert s["heldout_rose"] == 3 and s["test_rose_too"] == 1 and s["test_fell"] == 1  # the 0.25 -> 0.0 one is neither
+    assert s["mean_heldout_gain_where_it_rose"] == pytest.approx(1 / 3)
+    assert s["mean_test_gain_where_it_rose"] == pytest.approx(0.08 / 3)
 
 
 def test_pooled_mean_and_intervals(pooled_gain):
