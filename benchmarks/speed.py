@@ -204,14 +204,14 @@ def _base_argv(args) -> list[str]:
 def run_system(args, system: str) -> dict:
     load_before = load_average()
     if system == "greaterprompt":
-        if not GREATERPROMPT_PYTHON.exists():
-            raise SystemExit(f"{GREATERPROMPT_PYTHON} is missing: run benchmarks/greaterprompt_env.sh first.")
         from dspy_greater.data import load_examples
         from dspy_greater.extractor import derive_extractor
+        from dspy_greater.loading import default_model_path
 
         rows = load_examples(args.task)
         extractor = derive_extractor("answer", None, [e.answer for e in rows], [e.question for e in rows])
         raw = _run_worker([str(HERE / "greaterprompt_runner.py"), *_base_argv(args), "--rounds", str(args.steps),
+                           "--gguf", str(default_model_path()),  # the very file ours loads
                            "--max-new-tokens", str(args.reasoning_tokens), "--min-new-tokens",
                            str(args.reasoning_tokens), "--init-prompt", INITIAL_INSTRUCTION,
                            "--extractor", extractor.text], python=str(GREATERPROMPT_PYTHON))
@@ -245,7 +245,16 @@ def common_score(args, prompts: list[str]) -> dict:
         os.unlink(f.name)
 
 
-def side_by_side(args, previous: dict | None = None) -> dict:
+def check_prerequisites(systems: list[str]) -> None:
+    """Fail before any system runs, not after the first ones have taken their minutes."""
+    if "greaterprompt" in systems and not GREATERPROMPT_PYTHON.exists():
+        raise SystemExit(f"{GREATERPROMPT_PYTHON} is missing: run benchmarks/greaterprompt_env.sh first "
+                         "(or leave greaterprompt out of --systems).")
+
+
+def side_by_side(args, previous: dict | None = None, path: pathlib.Path | None = None) -> dict:
+    """Run each system and score its final prompt(s); with ``path``, the report is rewritten after
+    every system, so a failure later in the run keeps the systems already measured."""
     report = previous or {"task": args.task, "examples": args.examples, "steps": args.steps, "seed": args.seed,
               "reasoning_tokens": args.reasoning_tokens, "threads": args.threads, "machine": machine(),
               "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "systems": {}}
@@ -261,6 +270,8 @@ def side_by_side(args, previous: dict | None = None) -> dict:
         report["systems"][system] = data
         print(f"   {data['mean_step_seconds']:.2f} s/step, final loss {data['final_score']['mean_answer_loss']:.3f}",
               flush=True)
+        if path is not None:
+            path.write_text(json.dumps(report, indent=1))
     print(markdown_table(report))
     return report
 
@@ -367,7 +378,9 @@ def main() -> None:
     if previous and [previous[k] for k in ("task", "examples", "steps", "seed", "reasoning_tokens", "threads")] != [
             args.task, args.examples, args.steps, args.seed, args.reasoning_tokens, args.threads]:
         raise SystemExit(f"--update: {path} was measured with other settings; run without --update.")
-    report = scaling(args) if args.scaling else side_by_side(args, previous)
+    if not args.scaling:
+        check_prerequisites(args.systems)
+    report = scaling(args) if args.scaling else side_by_side(args, previous, path)
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
 
