@@ -106,6 +106,7 @@ def heldout_versus_test(runs: list[dict]) -> dict:
         "mean_test_gain_where_it_rose": statistics.fmean(t for _, t in rose) if rose else None,
         "test_rose_too": sum(t > 0 for _, t in rose),
         "test_fell": sum(t < 0 for _, t in rose),
+        "mean_heldout_gain_by_config": {c: statistics.fmean(r["heldout_gains"][c] for r in runs) for c in runs[0]["gains"]},
     }
 
 
@@ -139,7 +140,8 @@ def main() -> None:
           f"compiles: mean gains {chosen['mean_heldout_gain']:+.3f} / {chosen['mean_test_gain']:+.3f}; where the "
           f"held-out accuracy rose ({chosen['heldout_rose']}): {chosen['mean_heldout_gain_where_it_rose']:+.3f} / "
           f"{chosen['mean_test_gain_where_it_rose']:+.3f}, test rose in {chosen['test_rose_too']}, fell in "
-          f"{chosen['test_fell']}")
+          f"{chosen['test_fell']}; mean held-out gains " + ", ".join(
+              f"{c} {v:+.3f}" for c, v in chosen["mean_heldout_gain_by_config"].items()))
     if args.output:
         args.output.write_text(json.dumps({"command": "python benchmarks/pooled_gain.py " + " ".join(
             str(p) for p in args.reports), "runs": runs, "mean_gains": mean_gains, "pooled": summary,

@@ -63,6 +63,7 @@ def test_heldout_gains_are_set_beside_test_gains(pooled_gain):
     assert s["heldout_rose"] == 3 and s["test_rose_too"] == 1 and s["test_fell"] == 1  # the 0.25 -> 0.0 one is neither
     assert s["mean_heldout_gain_where_it_rose"] == pytest.approx(1 / 3)
     assert s["mean_test_gain_where_it_rose"] == pytest.approx(0.08 / 3)
+    assert s["mean_heldout_gain_by_config"] == pytest.approx({"default": 0.375, "faithful": 0.125})
 
 
 def test_pooled_mean_and_intervals(pooled_gain):
