@@ -245,6 +245,12 @@ def common_score(args, prompts: list[str]) -> dict:
         os.unlink(f.name)
 
 
+def shared_prompt_scores(args, prompts: list[str]) -> dict[str, dict]:
+    """Each distinct prompt of a system that keeps one prompt per question, applied to every row:
+    what it scores as the one task prompt a user would take from it."""
+    return {prompt: common_score(args, [prompt] * args.examples) for prompt in dict.fromkeys(prompts)}
+
+
 def check_prerequisites(systems: list[str]) -> None:
     """Fail before any system runs, not after the first ones have taken their minutes."""
     if "greaterprompt" in systems and not GREATERPROMPT_PYTHON.exists():
@@ -265,6 +271,8 @@ def side_by_side(args, previous: dict | None = None, path: pathlib.Path | None =
         print(f"== {system} ...", flush=True)
         data = run_system(args, system)
         data["final_score"] = common_score(args, data["final_prompts"])
+        if len(set(data["final_prompts"])) > 1:
+            data["shared_prompt_scores"] = shared_prompt_scores(args, data["final_prompts"])
         step_seconds = [s["seconds"] for s in data["steps"]]
         data["mean_step_seconds"] = sum(step_seconds) / len(step_seconds)
         report["systems"][system] = data
@@ -294,6 +302,10 @@ def markdown_table(report: dict) -> str:
             f"{data['final_score']['accuracy']:.3f} | {data['load_average_before'][0]} / {data['load_average_after'][0]} |")
     initial = report["initial_prompt_score"]
     lines.append(f"\nInitial prompt: answer loss {initial['mean_answer_loss']:.3f}, accuracy {initial['accuracy']:.3f}.")
+    for name, data in report["systems"].items():
+        for prompt, score in data.get("shared_prompt_scores", {}).items():
+            lines.append(f"{name}'s {prompt!r} on every row: answer loss {score['mean_answer_loss']:.3f}, "
+                         f"accuracy {score['accuracy']:.3f}.")
     return "\n".join(lines)
 
 
