@@ -36,9 +36,17 @@ def report_prompts(report: dict) -> dict[str, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=pathlib.Path, help="a speed.py side-by-side JSON")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="score only this one of the report's prompts (repeatable; the initial prompt always)")
     ap.add_argument("--output", type=pathlib.Path)
     args = ap.parse_args()
     report = json.loads(args.report.read_text())
+    prompts = report_prompts(report)
+    unknown = [p for p in args.prompt or [] if p not in prompts]
+    if unknown:
+        raise SystemExit(f"--prompt {unknown[0]!r} is not one of the report's prompts: {list(prompts)}")
+    if args.prompt:
+        prompts = {p: s for p, s in prompts.items() if p == INITIAL_INSTRUCTION or p in args.prompt}
 
     import torch
 
@@ -62,7 +70,7 @@ def main() -> None:
 
     golds = [r.label for r in rows]
     results, predictions = {}, {}
-    for prompt, systems in report_prompts(report).items():
+    for prompt, systems in prompts.items():
         started = time.perf_counter()
         evaluation = GreaterSearch(lm, layout, extractor, config).evaluate(layout.encode(prompt), rows)
         predictions[prompt] = evaluation.predictions
