@@ -24,6 +24,7 @@ from dspy.utils.exceptions import AdapterParseError
 from tqdm.auto import tqdm
 
 from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs
+from dspy_greater.data import split_examples
 from dspy_greater.extractor import Extractor, derive_extractor
 from dspy_greater.generation import CompletionServerGenerator, check_generation_server, server_address
 from dspy_greater.layout import LAYOUTS, ChatAdapterLayout, GreaterLayout, make_layout
@@ -695,11 +696,7 @@ class GReaTerTeleprompter(Teleprompter):
                            task.name, len(train))
             return train, heldout
         else:
-            data = list(trainset)
-            order = list(range(len(data)))
-            random.Random(self.config.seed).shuffle(order)
-            cut = max(2, len(data) // 4)
-            train, heldout = [data[i] for i in order[cut:]], [data[i] for i in order[:cut]]
+            heldout, train = split_examples(trainset, [max(2, len(trainset) // 4), None], self.config.seed)
         if len(heldout) < RELIABLE_HELDOUT:
             logger.warning(
                 "GReaTer [%s]: the instruction is chosen on %d held-out examples (%s); one example moves their accuracy "
