@@ -19,7 +19,7 @@ import pathlib
 import sys
 import time
 
-from speed import HELDOUT, INITIAL_INSTRUCTION, machine
+from speed import HELDOUT, INITIAL_INSTRUCTION, _setup, common_scorer, machine
 
 
 def report_prompts(report: dict) -> dict[str, list[str]]:
@@ -48,31 +48,16 @@ def main() -> None:
     if args.prompt:
         prompts = {p: s for p, s in prompts.items() if p == INITIAL_INSTRUCTION or p in args.prompt}
 
-    import torch
-
-    from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.extractor import derive_extractor
-    from dspy_greater.layout import GreaterLayout
-    from dspy_greater.loading import ModelSpec, load_optimizer_model
     from dspy_greater.metrics import paired_difference, summarize
-    from dspy_greater.model import OptimizerLM
-    from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample
 
-    torch.set_num_threads(report["threads"])
-    data = load_examples(report["task"])
-    split = split_examples(data, [report["examples"], HELDOUT, None], report["seed"])
-    rows = [SearchExample(e.question, e.answer) for e in split[2]]
-    model, tokenizer = load_optimizer_model(ModelSpec())
-    lm = OptimizerLM(model.eval(), tokenizer, batch_size=8)
-    layout = GreaterLayout(tokenizer)
-    extractor = derive_extractor("answer", None, [e.answer for e in data], [e.question for e in data])
-    config = GreaterConfig(max_reasoning_tokens=report["reasoning_tokens"], answer_temperature=1.0)
+    setting = argparse.Namespace(**{k: report[k] for k in ("task", "examples", "seed", "threads")})
+    lm, layout, extractor, rows, _, indices = _setup(setting, outside=True)
 
     golds = [r.label for r in rows]
     results, predictions = {}, {}
     for prompt, systems in prompts.items():
         started = time.perf_counter()
-        evaluation = GreaterSearch(lm, layout, extractor, config).evaluate(layout.encode(prompt), rows)
+        evaluation = common_scorer(lm, layout, extractor, report["reasoning_tokens"]).evaluate(layout.encode(prompt), rows)
         predictions[prompt] = evaluation.predictions
         results[prompt] = {"systems": systems, **summarize(golds, evaluation.predictions),
                            "mean_answer_loss": evaluation.mean_loss, "seconds": round(time.perf_counter() - started, 1)}
@@ -91,7 +76,7 @@ def main() -> None:
     if args.output:
         args.output.write_text(json.dumps({
             "command": " ".join(["python", "benchmarks/prompt_test.py", *sys.argv[1:]]), "report": str(args.report),
-            "task": report["task"], "rows": len(rows), "row_indices": list(split.indices[2]),
+            "task": report["task"], "rows": len(rows), "row_indices": indices,
             "reasoning_tokens": report["reasoning_tokens"], "machine": machine(), "prompts": results}, indent=1) + "\n")
 
 

@@ -71,9 +71,10 @@ def shared_arguments(parser: argparse.ArgumentParser, *, reasoning_tokens: int) 
     parser.add_argument("--threads", type=int, default=2)
 
 
-def _setup(args, dtype: str = "auto", rows: int | None = None):
+def _setup(args, dtype: str = "auto", rows: int | None = None, outside: bool = False):
     """``(lm, layout, extractor, examples, heldout, row indices)``: the first ``rows`` (default
-    ``args.examples``) of the seeded shuffle of ``args.task`` as training examples."""
+    ``args.examples``) of the seeded shuffle of ``args.task`` as training examples; with
+    ``outside``, every row after those and the held-out ones instead (and their indices)."""
     import torch
 
     from dspy_greater.data import load_examples, split_examples
@@ -88,10 +89,19 @@ def _setup(args, dtype: str = "auto", rows: int | None = None):
     lm = OptimizerLM(model.eval(), tokenizer, batch_size=8)
     layout = GreaterLayout(tokenizer)
     data = load_examples(args.task)
-    split = split_examples(data, [args.examples if rows is None else rows, HELDOUT], args.seed)
-    examples, heldout = ([SearchExample(e.question, e.answer) for e in part] for part in split)
+    split = split_examples(data, [args.examples if rows is None else rows, HELDOUT, None], args.seed)
+    examples, heldout, rest = ([SearchExample(e.question, e.answer) for e in part] for part in split)
     extractor = derive_extractor("answer", None, [e.answer for e in data], [e.question for e in data])
+    if outside:
+        return lm, layout, extractor, rest, heldout, list(split.indices[2])
     return lm, layout, extractor, examples, heldout, list(split.indices[0])
+
+
+def common_scorer(lm, layout, extractor, reasoning_tokens: int):
+    """The search whose ``evaluate`` is the common scorer: greedy reasoning, answer loss at temperature 1."""
+    from dspy_greater.search import GreaterConfig, GreaterSearch
+
+    return GreaterSearch(lm, layout, extractor, GreaterConfig(max_reasoning_tokens=reasoning_tokens, answer_temperature=1.0))
 
 
 def _initial_instruction(layout, tokens: int | None) -> str:
@@ -165,12 +175,9 @@ def _rss_mb(pid: int) -> float | None:
 
 def worker_score(args) -> dict:
     """Common scorer: each example under its own final prompt (one prompt for ours)."""
-    from dspy_greater.search import GreaterConfig, GreaterSearch
-
     lm, layout, extractor, examples, _, _ = _setup(args)
     prompts = json.loads(pathlib.Path(args.prompts).read_text())
-    search = GreaterSearch(lm, layout, extractor, GreaterConfig(
-        max_reasoning_tokens=args.reasoning_tokens, answer_temperature=1.0))
+    search = common_scorer(lm, layout, extractor, args.reasoning_tokens)
     losses, correct = [], []
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
