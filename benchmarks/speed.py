@@ -43,6 +43,8 @@ HELDOUT = 4  # rows after the optimized ones, for the search's own held-out chec
 # finalists); greaterprompt: the authors' library.
 SYSTEMS = ("ours", "ours-bf16", "ours-llamacpp-generation", "ours-finalist-loss", "ours-regenerate",
            "ours-regenerate-batch24", "ours-batch24", "ours-paper-protocol", "ours-faithful-cost", "greaterprompt")
+# The side-by-side table in benchmarks/README.md, section 1.
+MAIN_SYSTEMS = ("ours", "ours-bf16", "ours-finalist-loss", "ours-paper-protocol", "ours-faithful-cost", "greaterprompt")
 # A longer instruction to cut to 10, 20 and 40 tokens for the scaling runs.
 LONG_INSTRUCTION = (
     "Read the instructions one by one and keep track of your position on a grid with two numbers. "
@@ -292,21 +294,25 @@ def side_by_side(args, previous: dict | None = None, path: pathlib.Path | None =
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| system | examples per step | s/step (mean) | breakdown (s, mean per step) | peak RSS MB | "
-             "answer loss after | accuracy after | load avg before/after |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | examples per step | s/step (mean) | breakdown (s, mean per step) | step 1 / later steps (s) | "
+             "peak RSS MB | answer loss after | accuracy after | prompt after | load avg before/after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = report["systems"].get("greaterprompt", {}).get("mean_step_seconds")
     for name, data in report["systems"].items():
         phases: dict[str, float] = {}
         for step in data["steps"]:
             for k, v in step["breakdown"].items():
                 phases[k] = phases.get(k, 0.0) + v / len(data["steps"])
+        seconds = [step["seconds"] for step in data["steps"]]
+        later = f"{min(seconds[1:]):.1f}-{max(seconds[1:]):.1f}" if len(seconds) > 1 else "-"
         per_step = min(data.get("config", {}).get("batch_size") or report["examples"], report["examples"])
         speedup = f" ({base / data['mean_step_seconds']:.1f}x)" if base and name != "greaterprompt" else ""
         lines.append(
             f"| {name} | {per_step} | {data['mean_step_seconds']:.2f}{speedup} | "
             + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-            + f" | {data['peak_rss_mb']:.0f} | {data['final_score']['mean_answer_loss']:.3f} | "
-            f"{data['final_score']['accuracy']:.3f} | {data['load_average_before'][0]} / {data['load_average_after'][0]} |")
+            + f" | {seconds[0]:.1f} / {later} | {data['peak_rss_mb']:.0f} | "
+            f"{data['final_score']['mean_answer_loss']:.3f} | {data['final_score']['accuracy']:.3f} | "
+            f"{_prompt_after(data)} | {data['load_average_before'][0]} / {data['load_average_after'][0]} |")
     initial = report["initial_prompt_score"]
     lines.append(f"\nInitial prompt: answer loss {initial['mean_answer_loss']:.3f}, accuracy {initial['accuracy']:.3f}.")
     for name, data in report["systems"].items():
@@ -314,6 +320,14 @@ def markdown_table(report: dict) -> str:
             lines.append(f"{name}'s {prompt!r} on every row: answer loss {score['mean_answer_loss']:.3f}, "
                          f"accuracy {score['accuracy']:.3f}.")
     return "\n".join(lines)
+
+
+def _prompt_after(data: dict) -> str:
+    prompts = sorted(set(data.get("final_prompts") or []))
+    if len(prompts) != 1:
+        return f"{len(prompts)} prompts, one per question"
+    kept = " (kept)" if prompts[0] == data.get("initial_instruction") else ""
+    return prompts[0].replace("|", "\\|") + kept
 
 
 def scaling(args) -> dict:
@@ -372,8 +386,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shared_arguments(parser, reasoning_tokens=48)
     parser.add_argument("--examples", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--systems", nargs="+", default=list(MAIN_SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--scaling", action="store_true", help="time per step vs examples and instruction length")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/...)")
     parser.add_argument("--update", action="store_true",
@@ -391,7 +405,8 @@ def main() -> None:
         pathlib.Path(args.output).write_text(json.dumps(data, indent=1))
         return
     RESULTS.mkdir(exist_ok=True)
-    default = RESULTS / (f"scaling_{args.task}.json" if args.scaling else f"speed_{args.task}.json")
+    default = RESULTS / (f"scaling_{args.task}.json" if args.scaling
+                         else f"speed_{args.task}_{args.reasoning_tokens}tokens_{args.steps}steps.json")
     path = pathlib.Path(args.output) if args.output else default
     previous = json.loads(path.read_text()) if args.update and path.exists() else None
     if previous and [previous[k] for k in ("task", "examples", "steps", "seed", "reasoning_tokens", "threads")] != [
