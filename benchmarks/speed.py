@@ -175,21 +175,24 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
-def worker_score(args) -> dict:
-    """Common scorer: each example under its own final prompt (one prompt for ours)."""
+def worker_score(args) -> list[dict]:
+    """Common scorer, one model load for several prompt lists: each example under its own prompt in
+    each list (a list holds one prompt per example; ours repeats one)."""
     lm, layout, extractor, examples, _, _ = _setup(args)
-    prompts = json.loads(pathlib.Path(args.prompts).read_text())
     search = common_scorer(lm, layout, extractor, args.reasoning_tokens)
-    losses, correct = [], []
-    groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(prompt, []).append(i)
-    for prompt, rows in groups.items():
-        evaluation = search.evaluate(layout.encode(prompt), [examples[i] for i in rows])
-        losses.append(evaluation.mean_loss * len(rows))
-        correct.append(evaluation.accuracy * len(rows))
-    return {"mean_answer_loss": sum(losses) / len(prompts), "accuracy": sum(correct) / len(prompts),
-            "distinct_prompts": len(groups)}
+    results = []
+    for prompts in json.loads(pathlib.Path(args.prompts).read_text()):
+        losses, correct = [], []
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
+        for prompt, rows in groups.items():
+            evaluation = search.evaluate(layout.encode(prompt), [examples[i] for i in rows])
+            losses.append(evaluation.mean_loss * len(rows))
+            correct.append(evaluation.accuracy * len(rows))
+        results.append({"mean_answer_loss": sum(losses) / len(prompts), "accuracy": sum(correct) / len(prompts),
+                        "distinct_prompts": len(groups)})
+    return results
 
 
 # -- orchestration ------------------------------------------------------------------------------------
@@ -244,9 +247,10 @@ def _rows_for(args):
     return split_examples(load_examples(args.task), [args.examples], args.seed)[0]
 
 
-def common_score(args, prompts: list[str]) -> dict:
+def common_scores(args, prompt_lists: list[list[str]]) -> list[dict]:
+    """The common scorer's figures for each list of per-example prompts, in one worker process."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(prompts, f)
+        json.dump(prompt_lists, f)
     try:
         return _run_worker([__file__, "--worker", "score", *_base_argv(args), "--reasoning-tokens",
                             str(args.reasoning_tokens), "--prompts", f.name])
@@ -254,10 +258,13 @@ def common_score(args, prompts: list[str]) -> dict:
         os.unlink(f.name)
 
 
-def shared_prompt_scores(args, prompts: list[str]) -> dict[str, dict]:
-    """Each distinct prompt of a system that keeps one prompt per question, applied to every row:
-    what it scores as the one task prompt a user would take from it."""
-    return {prompt: common_score(args, [prompt] * args.examples) for prompt in dict.fromkeys(prompts)}
+def final_scores(args, final_prompts: list[str]) -> tuple[dict, dict[str, dict]]:
+    """The system's final prompts scored as they are (one per example), and, for a system that keeps
+    one prompt per question, each distinct prompt applied to every row: what it scores as the one
+    task prompt a user would take from it."""
+    distinct = list(dict.fromkeys(final_prompts)) if len(set(final_prompts)) > 1 else []
+    scores = common_scores(args, [final_prompts] + [[prompt] * args.examples for prompt in distinct])
+    return scores[0], dict(zip(distinct, scores[1:]))
 
 
 def check_prerequisites(systems: list[str]) -> None:
@@ -274,14 +281,14 @@ def side_by_side(args, previous: dict | None = None, path: pathlib.Path | None =
               "reasoning_tokens": args.reasoning_tokens, "threads": args.threads, "machine": machine(),
               "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "systems": {}}
     if "initial_prompt_score" not in report:
-        report["initial_prompt_score"] = common_score(args, [INITIAL_INSTRUCTION] * args.examples)
+        report["initial_prompt_score"] = common_scores(args, [[INITIAL_INSTRUCTION] * args.examples])[0]
     report.setdefault("commands", []).append(" ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]))
     for system in args.systems:
         print(f"== {system} ...", flush=True)
         data = run_system(args, system)
-        data["final_score"] = common_score(args, data["final_prompts"])
-        if len(set(data["final_prompts"])) > 1:
-            data["shared_prompt_scores"] = shared_prompt_scores(args, data["final_prompts"])
+        data["final_score"], shared = final_scores(args, data["final_prompts"])
+        if shared:
+            data["shared_prompt_scores"] = shared
         step_seconds = [s["seconds"] for s in data["steps"]]
         data["mean_step_seconds"] = sum(step_seconds) / len(step_seconds)
         report["systems"][system] = data
