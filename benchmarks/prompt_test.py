@@ -53,11 +53,12 @@ def main() -> None:
     setting = argparse.Namespace(**{k: report[k] for k in ("task", "examples", "seed", "threads")})
     lm, layout, extractor, rows, _, indices = _setup(setting, outside=True)
 
+    scorer = common_scorer(lm, layout, extractor, report["reasoning_tokens"])
     golds = [r.label for r in rows]
     results, predictions = {}, {}
     for prompt, systems in prompts.items():
         started = time.perf_counter()
-        evaluation = common_scorer(lm, layout, extractor, report["reasoning_tokens"]).evaluate(layout.encode(prompt), rows)
+        evaluation = scorer.evaluate(layout.encode(prompt), rows)
         predictions[prompt] = evaluation.predictions
         results[prompt] = {"systems": systems, **summarize(golds, evaluation.predictions),
                            "mean_answer_loss": evaluation.mean_loss, "seconds": round(time.perf_counter() - started, 1)}
