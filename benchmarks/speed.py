@@ -331,6 +331,26 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def reproduction_table(reports: dict[str, dict], systems: tuple[str, ...] = ("ours", "ours-bf16", "ours-finalist-loss")) -> str:
+    """One row per side-by-side report: each system's mean s/step, its ratio to greaterprompt's and its
+    answer loss after (the runs of one command should agree on the loss and roughly on the ratios)."""
+    lines = ["| reasoning tokens | report | " + " | ".join(systems) + " | greaterprompt s/step (loss) |",
+             "|---|---|" + "---|" * (len(systems) + 1)]
+    for name, report in reports.items():
+        base = report["systems"].get("greaterprompt", {}).get("mean_step_seconds")
+        cells = []
+        for system in (*systems, "greaterprompt"):
+            data = report["systems"].get(system)
+            if data is None:
+                cells.append("")
+                continue
+            seconds = data["mean_step_seconds"]
+            ratio = f" ({base / seconds:.1f}x)" if base and system != "greaterprompt" else ""
+            cells.append(f"{seconds:.2f} s{ratio}, {data['final_score']['mean_answer_loss']:.3f}")
+        lines.append(f"| {report['reasoning_tokens']} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _prompt_after(data: dict) -> str:
     prompts = sorted(set(data.get("final_prompts") or []))
     if len(prompts) != 1:
@@ -401,6 +421,9 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/...)")
     parser.add_argument("--update", action="store_true",
                         help="add or replace the given systems in an existing side-by-side JSON with the same settings")
+    parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                        help="print the tables of existing side-by-side reports (no model run) and, for several, "
+                             "one row per report to compare runs")
     # Worker-only options.
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--instruction-tokens", type=int, default=None, help=argparse.SUPPRESS)
@@ -408,6 +431,14 @@ def main() -> None:
     parser.add_argument("--prompts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.table:
+        reports = {pathlib.Path(name).name: json.loads(pathlib.Path(name).read_text()) for name in args.table}
+        for name, report in reports.items():
+            print(f"## {name}: {report['reasoning_tokens']}-token reasoning, {report['steps']} steps, "
+                  f"{report['examples']} {report['task']} rows, {report['machine']['cpu']}\n\n{markdown_table(report)}\n")
+        if len(reports) > 1:
+            print(reproduction_table(reports))
+        return
     if args.worker:
         args.system = args.worker
         data = worker_score(args) if args.worker == "score" else worker_ours(args)
