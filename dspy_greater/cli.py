@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="optimizer model: hub id, folder or .gguf (default: embedded SmolLM2-135M)")
     demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                       help="optimizer model dtype (auto: float32 on CPU, bfloat16/float16 on CUDA); bfloat16 is "
-                           "faster on CPUs with AMX (benchmarks/README.md)")
+                           "faster on CPUs with AMX or AVX-512-BF16 (benchmarks/README.md)")
     demo.add_argument("--device", default=None, help="optimizer model device, e.g. cuda (default: cuda if available)")
     demo.add_argument("--train", type=int, default=24)
     demo.add_argument("--val", type=int, default=12)
