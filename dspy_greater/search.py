@@ -55,7 +55,7 @@ class GreaterConfig:
             one only and lets it replace the current token only if it still ranks ahead on its own
             reasoning (one generation per step instead of ``num_finalists``; needs ``keep_current``).
             On SmolLM2-135M the screen predicts a token's effect on its own reasoning poorly, yet
-            over thirteen runs on five tasks the test-accuracy gains of ``"teacher_forced"`` and
+            over fourteen runs on five tasks the test-accuracy gains of ``"teacher_forced"`` and
             ``"regenerate"`` were alike within the noise, and ``"confirm"`` gained nothing on three
             tasks (benchmarks/README.md, section 3; HISTORY.md).
         keep_current: Also score the current token and keep it if no finalist beats it. The paper

@@ -701,7 +701,7 @@ class GReaTerTeleprompter(Teleprompter):
             logger.warning(
                 "GReaTer [%s]: the instruction is chosen on %d held-out examples (%s); one example moves their accuracy "
                 "by %.3f, so the chosen instruction's held-out gain overstates its gain on new examples (measured: "
-                "where 12 held-out examples rose by +0.27 on average, 142-214 test examples rose by +0.02; "
+                "where 12 held-out examples rose by +0.26 on average, 142-214 test examples rose by +0.02; "
                 "benchmarks/README.md, section 3). Pass a valset of %d or more examples for a more reliable choice.",
                 task.name, len(heldout), "valset" if valset else "a quarter of trainset", 1 / len(heldout),
                 RELIABLE_HELDOUT)
