@@ -306,7 +306,6 @@ def markdown_table(report: dict) -> str:
     lines = ["| system | examples per step | s/step (mean) | breakdown (s, mean per step) | step 1 / later steps (s) | "
              "peak RSS MB | answer loss after | accuracy after | prompt after | load avg before/after |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    base = report["systems"].get("greaterprompt", {}).get("mean_step_seconds")
     for name, data in report["systems"].items():
         phases: dict[str, float] = {}
         for step in data["steps"]:
@@ -315,7 +314,7 @@ def markdown_table(report: dict) -> str:
         seconds = [step["seconds"] for step in data["steps"]]
         later = f"{min(seconds[1:]):.1f}-{max(seconds[1:]):.1f}" if len(seconds) > 1 else "-"
         per_step = min(data.get("config", {}).get("batch_size") or report["examples"], report["examples"])
-        speedup = f" ({base / data['mean_step_seconds']:.1f}x)" if base and name != "greaterprompt" else ""
+        speedup = _speedup(report, name)
         lines.append(
             f"| {name} | {per_step} | {data['mean_step_seconds']:.2f}{speedup} | "
             + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
@@ -331,22 +330,28 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _speedup(report: dict, system: str) -> str:
+    """`` (N.Nx)``: how many times faster than greaterprompt's mean step in the same report ("" if none)."""
+    base = report["systems"].get("greaterprompt", {}).get("mean_step_seconds")
+    if not base or system == "greaterprompt":
+        return ""
+    return f" ({base / report['systems'][system]['mean_step_seconds']:.1f}x)"
+
+
 def reproduction_table(reports: dict[str, dict], systems: tuple[str, ...] = ("ours", "ours-bf16", "ours-finalist-loss")) -> str:
     """One row per side-by-side report: each system's mean s/step, its ratio to greaterprompt's and its
     answer loss after (the runs of one command should agree on the loss and roughly on the ratios)."""
     lines = ["| reasoning tokens | report | " + " | ".join(systems) + " | greaterprompt s/step (loss) |",
              "|---|---|" + "---|" * (len(systems) + 1)]
     for name, report in reports.items():
-        base = report["systems"].get("greaterprompt", {}).get("mean_step_seconds")
         cells = []
         for system in (*systems, "greaterprompt"):
             data = report["systems"].get(system)
             if data is None:
                 cells.append("")
                 continue
-            seconds = data["mean_step_seconds"]
-            ratio = f" ({base / seconds:.1f}x)" if base and system != "greaterprompt" else ""
-            cells.append(f"{seconds:.2f} s{ratio}, {data['final_score']['mean_answer_loss']:.3f}")
+            cells.append(f"{data['mean_step_seconds']:.2f} s{_speedup(report, system)}, "
+                         f"{data['final_score']['mean_answer_loss']:.3f}")
         lines.append(f"| {report['reasoning_tokens']} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
