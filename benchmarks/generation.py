@@ -13,7 +13,7 @@ stops otherwise), in bfloat16 the stored inputs' cache (computed in another batc
 differently and change a token.
 
     python benchmarks/generation.py                 # writes benchmarks/results/generation.json
-    python benchmarks/generation.py --tokens 128
+    python benchmarks/generation.py --tokens 48 --output benchmarks/results/generation_48tokens_amd.json
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dspy_greater.data import load_examples, split_examples
 from dspy_greater.layout import GreaterLayout
 from dspy_greater.loading import ModelSpec, load_optimizer_model
 from dspy_greater.model import OptimizerLM
+from speed import machine
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ROWS = 6
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--output", type=pathlib.Path, default=RESULTS / "generation.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report = {"rows": ROWS, "tokens": args.tokens, "threads": args.threads, "load_average_before": os.getloadavg(),
+    report = {"machine": machine(), "rows": ROWS, "tokens": args.tokens, "threads": args.threads, "load_average_before": os.getloadavg(),
               "dtypes": {dtype: measure(dtype, args.tokens) for dtype in ("float32", "bfloat16")}}
     report["load_average_after"] = os.getloadavg()
     args.output.write_text(json.dumps(report, indent=1))
