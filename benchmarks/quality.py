@@ -16,6 +16,8 @@ the difference of their gains).
 (and compile time) from an earlier report on the same task, train and held-out split, seed,
 steps, reasoning length and dtype instead of compiling again; the test split can then be larger
 (the splits are consecutive slices of one seeded shuffle, so train and held-out stay the same).
+``--instruction TEXT`` starts the program (and so every configuration) from TEXT instead of DSPy's
+instruction for the signature.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 # default: GreaterConfig(); default-score / default-loss: the same with finalist_key set (paper's
 # score vs answer loss at equal mistakes); faithful: the paper's protocol and cost.
 CONFIGS = ("default", "default-score", "default-loss", "faithful")
+# The instruction DSPy gives ChainOfThought("question -> answer"); reports without "instruction" started from it.
+DSPY_INSTRUCTION = "Given the fields `question`, produce the fields `answer`."
 
 
 def parse_config(name: str) -> tuple[str, dict]:
@@ -79,7 +83,8 @@ def earlier_entry(path: pathlib.Path, name: str, report: dict) -> dict:
     with the same task, train and held-out split, seed, steps, reasoning length and dtype."""
     same = ("task", "seed", "steps", "reasoning_tokens")
     for earlier in report_runs(json.loads(path.read_text())):
-        if (all(earlier[k] == report[k] for k in same) and earlier["splits"][:2] == report["splits"][:2]
+        starts_alike = earlier.get("instruction", DSPY_INSTRUCTION) == report["instruction"]
+        if (all(earlier[k] == report[k] for k in same) and earlier["splits"][:2] == report["splits"][:2] and starts_alike
                 and (earlier.get("dtype") or "float32") == report["dtype"] and name in earlier["configs"]):
             return earlier["configs"][name]
     raise SystemExit(f"{path} has no {name!r} run with task {report['task']}, splits {report['splits'][:2]}, "
@@ -93,6 +98,8 @@ def main() -> None:
                    help=f"{', '.join(CONFIGS)}; a name may add GreaterConfig fields, e.g. default+eval_every=1")
     p.add_argument("--reuse", nargs="+", default=[], metavar="CONFIG=JSON",
                    help="take CONFIG's instruction from an earlier report instead of compiling")
+    p.add_argument("--instruction", default=None,
+                   help="the program's starting instruction (default: DSPy's own for the signature)")
     args = p.parse_args()
     reuse = dict(item.rsplit("=", 1) for item in args.reuse)  # a configuration name may hold "=" itself
     unknown = set(reuse) - set(args.configs)
@@ -107,8 +114,11 @@ def main() -> None:
 
     train, val, test, model, tokenizer, report = setup(args, "benchmarks/quality.py")
     report["configs"] = {}
-    earlier = {name: earlier_entry(pathlib.Path(path), name, report) for name, path in reuse.items()}
     program = dspy.ChainOfThought("question -> answer")
+    if args.instruction is not None:
+        program.predict.signature = program.predict.signature.with_instructions(args.instruction)
+    report["instruction"] = program.predict.signature.instructions
+    earlier = {name: earlier_entry(pathlib.Path(path), name, report) for name, path in reuse.items()}
     before = None
     after_predictions = {}
     for name in args.configs:
