@@ -22,7 +22,7 @@ from compile_runs import parser, setup
 def main() -> None:
     p = parser(__doc__, train=24, val=0, test=0, steps=0, threads=2)
     p.add_argument("--instruction", action="append", required=True, help="an instruction to start from (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=128, help="the reasoning cap while measuring")
+    p.set_defaults(reasoning_tokens=128)  # the cap while measuring
     args = p.parse_args()
 
     from dspy_greater.layout import GreaterLayout
@@ -31,20 +31,20 @@ def main() -> None:
     train, _, _, model, tokenizer, report = setup(args, "benchmarks/reasoning_length.py")
     lm = OptimizerLM(model, tokenizer, batch_size=8)
     layout = GreaterLayout(tokenizer)
-    report.update(max_tokens=args.max_tokens, instructions={})
+    report["instructions"] = {}
     for instruction in args.instruction:
         prompts = [layout.prompt(row.question, layout.encode_instruction(instruction)).ids for row in train]
-        rows = lm.generate(prompts, max_new_tokens=args.max_tokens)
+        rows = lm.generate(prompts, max_new_tokens=args.reasoning_tokens)
         lengths = [len(r) for r in rows]
         entry = {
             "lengths": lengths, "median": statistics.median(lengths),
             "at_most_16": sum(n <= 16 for n in lengths), "over_48": sum(n > 48 for n in lengths),
-            "at_cap": sum(n >= args.max_tokens for n in lengths),
+            "at_cap": sum(n >= args.reasoning_tokens for n in lengths),
             "examples": [tokenizer.decode(r) for r in rows[:3]],
         }
         report["instructions"][instruction] = entry
         print(f"{instruction!r}: {len(rows)} rows, median {entry['median']} tokens, <= 16: {entry['at_most_16']}, "
-              f"> 48: {entry['over_48']}, at the {args.max_tokens}-token cap: {entry['at_cap']}; "
+              f"> 48: {entry['over_48']}, at the {args.reasoning_tokens}-token cap: {entry['at_cap']}; "
               f"first: {entry['examples'][0][:80]!r}", flush=True)
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(report, indent=1))
