@@ -80,7 +80,8 @@ def config_spec(name: str) -> str:
 
 def earlier_entry(path: pathlib.Path, name: str, report: dict) -> dict:
     """``name``'s entry in an earlier report (any layout :func:`compile_runs.report_runs` reads) made
-    with the same task, train and held-out split, seed, steps, reasoning length and dtype."""
+    with the same task, train and held-out split, seed, steps, reasoning length, dtype and starting
+    instruction."""
     same = ("task", "seed", "steps", "reasoning_tokens")
     for earlier in report_runs(json.loads(path.read_text())):
         starts_alike = earlier.get("instruction", DSPY_INSTRUCTION) == report["instruction"]
@@ -89,7 +90,8 @@ def earlier_entry(path: pathlib.Path, name: str, report: dict) -> dict:
             return earlier["configs"][name]
     raise SystemExit(f"{path} has no {name!r} run with task {report['task']}, splits {report['splits'][:2]}, "
                      f"seed {report['seed']}, {report['steps']} steps, {report['reasoning_tokens']} reasoning "
-                     f"tokens and dtype {report['dtype']}; compile it instead (drop it from --reuse).")
+                     f"tokens, dtype {report['dtype']} and starting instruction {report['instruction']!r}; "
+                     "compile it instead (drop it from --reuse).")
 
 
 def main() -> None:
