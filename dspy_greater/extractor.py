@@ -18,7 +18,9 @@ Answer kinds:
   token is the letter itself.
 - ``"choice"``: a small closed set of words (yes/no, true/false, valid/invalid, or the ``- option``
   lines listed in every input), canonical casing taken from the labels.
-- ``"integer"``: whole numbers, possibly negative.
+- ``"integer"``: whole numbers, possibly negative, possibly with thousands separators (``"1,080"``).
+  Compared by value: the canonical label drops the separators and leading zeros (``"1080"``), and
+  that is the text scored after the extractor.
 - ``"text"``: anything else (free text, e.g. a sorted word list or a bracket sequence).
 
 Space convention: ``text`` never ends with whitespace; the separating space belongs to the target
@@ -57,7 +59,8 @@ _BARE_LETTER = re.compile(r"^([A-Za-z])[.)]?$")
 OPTION_LINE = re.compile(r"^[ \t]*\(?([A-Z])\)[ \t]+\S", re.MULTILINE)
 # "- text" at the start of a line of an input
 _DASH_OPTION_LINE = re.compile(r"^[ \t]*[-*][ \t]+(\S[^\n]*?)[ \t]*$", re.MULTILINE)
-_INTEGER = re.compile(r"^[+-]?\d+$")
+# "42", "-7", "+3", "1,080" (thousands separators in groups of three): compared by value, so "1,080" == "1080"
+_INTEGER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)$")
 _INTEGER_IN_TEXT = re.compile(r"(?<![\w.])([+\-\u2212]?)\s?(\d{1,3}(?:,\d{3})+|\d+)(?!\d|[.,]\d)")
 _OPENERS = "([{<\"'`$"
 _STRIP_CHARS = " \t\r\n\"'`*_“”‘’"
@@ -124,10 +127,10 @@ class Extractor:
                 )
             return found
         if self.kind == "integer":
-            t = s.replace("\u2212", "-").replace(",", "")
+            t = s.replace("\u2212", "-")
             if not _INTEGER.match(t):
                 raise ValueError(f"label {raw!r} is not an integer (extractor kind 'integer')")
-            return str(int(t))
+            return str(int(t.replace(",", "")))
         return s
 
     def accepts(self, label: object) -> bool:
@@ -237,7 +240,8 @@ def derive_extractor(
        valid/invalid (case-insensitive); both words of the pair are choices, cased like the
        majority of the labels. Also when every input lists the same ``"- option"`` lines (at
        most 10) and every label is one of them.
-    3. ``integer`` when every label is an integer (possibly negative).
+    3. ``integer`` when every label is an integer (possibly negative, possibly with thousands
+       separators such as ``"1,080"``).
     4. ``text`` otherwise.
 
     ``override``: an :class:`Extractor` is returned as is; a string replaces the derived text

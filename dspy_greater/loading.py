@@ -314,8 +314,7 @@ def _resolve_source(spec: ModelSpec) -> _Source:
     name = spec.name_or_path
     expanded = pathlib.Path(name).expanduser()
     is_local = _looks_like_path(name) or expanded.exists()
-    if not is_local:
-        # A hub id: not checked for existence (that would need the network).
+    if not is_local:  # a hub id (validate_model_spec checks it can be had)
         if spec.gguf_file is not None:
             return _Source("gguf_hub", name, spec.gguf_file)
         return _Source("pretrained", name)
@@ -431,7 +430,8 @@ def validate_model_spec(spec: ModelSpec | None) -> None:
         spec: The spec to check; ``None`` means the embedded default.
 
     Raises:
-        ModelNotFoundError: A local file or folder, or the embedded default, is missing.
+        ModelNotFoundError: A local file or folder, or the embedded default, is missing; or a hub
+            id is neither cached nor found on a reachable hub.
         ValueError: ``dtype``, ``device`` or ``device_map`` is invalid, or the spec contradicts itself.
         TypeError: ``spec`` is not a :class:`ModelSpec`.
     """
@@ -454,7 +454,42 @@ def validate_model_spec(spec: ModelSpec | None) -> None:
             raise ValueError(f"Invalid device {spec.device!r}: pass a string such as 'cpu' or 'cuda'.")
         if spec.device_map is None:
             _check_device(spec.device)
-    _resolve_source(spec)
+    source = _resolve_source(spec)
+    if source.kind in ("pretrained", "gguf_hub"):
+        _check_hub_id(source)
+
+
+_HUB_TIMEOUT_S = 5.0
+
+
+def _check_hub_id(source: _Source) -> None:
+    """Fail at once when a hub id is neither in the local Hugging Face cache nor on a reachable hub."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    name = source.path
+    try:
+        if isinstance(try_to_load_from_cache(name, source.gguf_file or "config.json"), str):
+            return
+    except HFValidationError as error:
+        raise ModelNotFoundError(
+            f"Optimizer model not found: {name!r} is not a local folder ({pathlib.Path(name).absolute()} does not "
+            f"exist) and not a valid Hugging Face hub id ({error}). Fix the path."
+        ) from None
+    neither = (f"Optimizer model not found: {name!r} is not a local folder ({pathlib.Path(name).absolute()} does not "
+               "exist), and as a Hugging Face hub id")
+    fix = ("Fix the path (a folder holding config.json and safetensors weights, or a .gguf file), or pass a hub id "
+           "that is in the local cache or reachable, or leave model unset for the embedded default.")
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{neither} it is not in the local cache and HF_HUB_OFFLINE is set. {fix}")
+    try:
+        model_info(name, timeout=_HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{neither} the hub has no such repository (or it is private: log in with "
+                                 f"`hf auth login`). {fix}") from None
+    except Exception as error:  # noqa: BLE001 - any network failure: the hub cannot be reached
+        raise ModelNotFoundError(f"{neither} it is not in the local cache and the hub cannot be reached "
+                                 f"({type(error).__name__}: {error}). {fix}") from None
 
 
 def resolve_device(spec: ModelSpec | None = None) -> str:

@@ -413,7 +413,7 @@ class GReaTerTeleprompter(Teleprompter):
         desc = (signature.fields[output].json_schema_extra or {}).get("desc")
         texts = [format_inputs([f for f in inputs if f in e], e) for e in trainset]
         extractor = derive_extractor(output, desc, [e[output] for e in trainset], texts, override=self.extractor)
-        check_label_space(extractor, output, [*trainset, *(valset or [])])
+        check_label_space(extractor, output, [("trainset", trainset), ("valset", valset)])
         plan.extractor = extractor
         return plan
 
@@ -681,7 +681,7 @@ class GReaTerTeleprompter(Teleprompter):
         extractor = derive_extractor(output, desc, labels, [task.inputs_text(e) for e in examples],
                                      override=self.extractor)
         task = replace(task, extractor=extractor)
-        check_label_space(extractor, output, [*examples, *(valset or [])])
+        check_label_space(extractor, output, [("trainset", examples), ("valset", valset)])
         return name, predictor, task
 
     def _split(self, trainset, valset, task):

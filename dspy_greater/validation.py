@@ -139,14 +139,20 @@ def unsupported_reason(signature) -> str | None:
     return None
 
 
-def check_label_space(extractor: Extractor, output: str, examples) -> None:
-    """Refuse a label the extractor's answer space cannot express (its loss would be meaningless)."""
-    for i, e in enumerate(examples):
-        if not extractor.accepts(e[output]):
-            raise ValueError(
-                f"Example {i}: label {e[output]!r} for {output!r} is outside the answer space "
-                f"({', '.join(extractor.choices)}); fix the label or pass extractor=... to set the answer space."
-            )
+def check_label_space(extractor: Extractor, output: str, named_sets) -> None:
+    """Refuse a label the extractor's answer space cannot express (its loss would be meaningless).
+
+    ``named_sets``: ``[("trainset", examples), ("valset", examples or None)]``; the error names the
+    set and the example's index in it.
+    """
+    for what, examples in named_sets:
+        for i, e in enumerate(examples or []):
+            if not extractor.accepts(e[output]):
+                allowed = ", ".join(extractor.choices) or f"{extractor.kind} answers"
+                raise ValueError(
+                    f"{what}[{i}]: label {e[output]!r} for {output!r} is outside the answer space ({allowed}); fix the "
+                    "label or pass extractor=... to set the answer space."
+                )
 
 
 def is_text_type(annotation) -> bool:

@@ -104,6 +104,12 @@ def test_label_outside_answer_space(tp):
         tp.compile(dspy.ChainOfThought("question -> answer"), trainset=data, valset=val)
 
 
+def test_bad_valset_label_is_named_by_its_own_set_and_index(tp):
+    with pytest.raises(ValueError, match=r"^valset\[0\]: label 'Maybe'") as error:
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=_examples(12), valset=[_example(answer="Maybe")])
+    assert "12" not in str(error.value).split(":")[0]
+
+
 def test_metric_not_callable():
     with pytest.raises(TypeError, match="metric must be callable"):
         GReaTerTeleprompter(metric="exact_match")

@@ -386,3 +386,15 @@ def test_other_space_conventions_would_merge(smollm2_tokenizer):
     assert _ids(tok, text + " Yes") != _ids(tok, text + " ") + _ids(tok, "Yes")
     assert _ids(tok, text + " Yes") == _ids(tok, text) + _ids(tok, " Yes")
     assert len(_ids(tok, " Yes")) == 1
+
+
+def test_thousands_separators_keep_the_integer_extractor():
+    labels = ["1,080", "42", "-7", "12,345,678"]
+    ex = derive_extractor("answer", None, labels, ["q"] * len(labels))
+    assert ex.kind == "integer" and "an integer" in ex.text
+    assert [ex.canonical(x) for x in labels] == ["1080", "42", "-7", "12345678"]
+    assert ex.canonical("1080") == ex.canonical("1,080")  # compared by value
+    assert ex.target("1,080") == " 1080" and ex.label_of("so 1,080 apples") == "1080"
+    for not_grouped in ("1,08", "10,80", "1,0800"):
+        assert not ex.accepts(not_grouped)
+    assert derive_extractor("answer", None, ["1,08", "3"], ["q", "q"]).kind == "text"

@@ -4,11 +4,12 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
 
-from dspy_greater import loading
+from dspy_greater import GReaTerTeleprompter, loading
 from dspy_greater.loading import (
     LOAD_INFO_ATTR,
     ModelNotFoundError,
@@ -148,10 +149,44 @@ def test_non_gguf_file_is_rejected(tmp_path):
         validate_model_spec(ModelSpec(name_or_path=str(path)))
 
 
-def test_hub_ids_are_not_checked():
+def _cached_hub_repo(cache, repo_id, filename):
+    """Lay out ``repo_id``'s ``filename`` in a Hugging Face cache folder, as a download leaves it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / filename).write_text("{}")
+
+
+def test_cached_hub_ids_pass_without_the_network(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _cached_hub_repo(tmp_path, "HuggingFaceTB/SmolLM2-1.7B-Instruct", "config.json")
+    _cached_hub_repo(tmp_path, "bartowski/SomeModel-GGUF", "x-Q4_K_M.gguf")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     validate_model_spec(ModelSpec(name_or_path="HuggingFaceTB/SmolLM2-1.7B-Instruct"))
-    validate_model_spec(ModelSpec(name_or_path="gpt2"))
     validate_model_spec(ModelSpec(name_or_path="bartowski/SomeModel-GGUF", gguf_file="x-Q4_K_M.gguf"))
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_missing_relative_folder_fails_at_once_naming_both_readings(tmp_path, monkeypatch, offline):
+    """``models/smollm2`` has the form of a hub id; not a folder here, not cached, and the hub cannot
+    say otherwise (offline, or no network, or no such repository): one clear error within seconds."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    _forbid_loading(monkeypatch)
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        GReaTerTeleprompter(model="models/smollm2")
+    message = str(excinfo.value)
+    assert "'models/smollm2' is not a local folder" in message and str(tmp_path / "models" / "smollm2") in message
+    assert "hub id" in message and ("HF_HUB_OFFLINE" in message if offline else "hub" in message)
+    assert time.perf_counter() - started < 15
 
 
 def test_bad_dtype_raises_before_loading(monkeypatch):
