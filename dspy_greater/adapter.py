@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 import typing
 from typing import Any
 
@@ -42,6 +43,28 @@ _TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 _LEADING_PAREN_LETTER = re.compile(r"^[\s*_`\"']*\(\s*[A-Za-z]\s*\)")
 _BARE_LETTER_LINE = re.compile(r"^[\s*_`\"']*[A-Za-z][.)]?[\s*_`\"'.]*$")
 _NUMBER = re.compile(r"[+\-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?|[+\-\u2212]?\.\d+")
+
+
+# The predictor attribute (and key of its saved state) that carries the optimized extractor.
+EXTRACTOR_STATE = "greater_extractor"
+
+
+def keep_extractor(predictor: dspy.Predict, spec: dict) -> None:
+    """Keep an extractor (``{"field", "kind", "text", "choices"}``) on ``predictor`` through ``save``/``load``.
+
+    ``save()`` writes each predictor's ``dump_state()``; ``load()`` gives every key of it that DSPy
+    does not handle itself to the fresh predictor as an attribute. So the extractor is added to this
+    predictor's saved state, and a program loaded from the file has it as ``predictor.greater_extractor``,
+    where :meth:`GReaTerAdapter.from_program` finds it.
+    """
+    setattr(predictor, EXTRACTOR_STATE, {k: spec[k] for k in ("field", "kind", "text", "choices")})
+    predictor.dump_state = types.MethodType(_dump_state_with_extractor, predictor)
+
+
+def _dump_state_with_extractor(self, *args, **kwargs) -> dict:
+    state = type(self).dump_state(self, *args, **kwargs)
+    state[EXTRACTOR_STATE] = dict(getattr(self, EXTRACTOR_STATE))
+    return state
 
 
 def format_inputs(names: typing.Sequence[str], values: dict[str, Any]) -> str:
@@ -146,16 +169,22 @@ class GReaTerAdapter(Adapter):
     def from_program(cls, program: dspy.Module, **kwargs) -> GReaTerAdapter:
         """An adapter using the extractors a ``GReaTerTeleprompter`` found for ``program``.
 
+        Reads each predictor's saved extractor (present after ``compile`` and after
+        ``program.save(...)`` / ``program.load(...)``), else the program's ``greater_results``.
         Each extractor is kept under its output field and the predictor's instruction, so two
         predictors with the same output field name keep their own; the field name alone falls
         back to the first predictor's.
         """
-        extractors: dict = {}
         predictors = dict(program.named_predictors())
-        for name, result in (getattr(program, "greater_results", None) or {}).items():
-            spec = result.get("extractor")
-            if not spec:
+        specs = [(name, getattr(p, EXTRACTOR_STATE, None)) for name, p in predictors.items()]
+        specs += [(name, result.get("extractor"))
+                  for name, result in (getattr(program, "greater_results", None) or {}).items()]
+        extractors: dict = {}
+        seen: set[str] = set()  # a predictor's own extractor comes first; its greater_results entry is a repeat
+        for name, spec in specs:
+            if not spec or name in seen:
                 continue
+            seen.add(name)
             found = Extractor(spec["kind"], spec["text"], tuple(spec["choices"]))
             extractors.setdefault(spec["field"], found)
             if name in predictors:

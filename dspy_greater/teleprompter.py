@@ -23,7 +23,7 @@ from dspy.teleprompt import Teleprompter
 from dspy.utils.exceptions import AdapterParseError
 from tqdm.auto import tqdm
 
-from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs
+from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs, keep_extractor
 from dspy_greater.data import split_examples
 from dspy_greater.extractor import Extractor, derive_extractor
 from dspy_greater.generation import CompletionServerGenerator, check_generation_server, server_address
@@ -231,6 +231,7 @@ class GReaTerTeleprompter(Teleprompter):
         self.target_candidates = target_candidates
         self.num_threads = num_threads
         self._lm: OptimizerLM | None = None
+        self._warned: set[str] = set()  # warnings given once per compile
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -280,15 +281,17 @@ class GReaTerTeleprompter(Teleprompter):
             # BetterTogether passes valset=[] when the trainset is too small to split.
             logger.warning("valset is empty; treating it as None (choosing on a held-out part of trainset).")
             valset = None
+        self._warned: set[str] = set()
         if isinstance(student, dspy.Module) and len(student.named_predictors()) > 1:
             return self._compile_several(student, trainset, valset, checkpoint_dir)
         name, predictor, task = self._prepare(student, trainset, valset)
         train, heldout = self._split(deduplicated(trainset, task), valset, task)
-        select = bool(self.target_candidates and valset and self.metric is not None and _target_lm(predictor)[0] is not None)
+        select = self._selects_on_target(valset, _target_lm(predictor)[0] is not None)
         results, chosen = self._optimize(student, task, train, heldout, valset if select else None, checkpoint_dir,
                                          [("trainset", list(trainset)), ("valset", list(valset or []))])
         program = _with_instruction(student, name, chosen)
         program.greater_results = {name: results}
+        _keep_extractors(program)
         return program
 
     def _optimize(self, program, task: PredictorTask, train, heldout, selection_valset, checkpoint_dir,
@@ -320,11 +323,19 @@ class GReaTerTeleprompter(Teleprompter):
         results = _result_dict(result, task)
         results["extractor"]["text"] = search.extractor.text  # the layout's own (ChatAdapter's answer marker)
         results["layout"] = dict(getattr(search, "layout_info", None) or {"name": search.layout.name})
+        answers = [p for entry in result.top_instructions for p in entry["predictions"]]
+        if answers and all(p is None for p in answers):
+            logger.warning(
+                "GReaTer [%s]: the optimizer model gave no answer that parses on any held-out example in the %s layout "
+                "(its replies do not follow that format), so the held-out check cannot tell the instructions apart. "
+                "Use a larger optimizer model (model=...), or layout='greater' with GReaTerAdapter on the target.",
+                name, results["layout"]["name"])
         chosen = result.best_instruction
         if result.stopped_reason == "interrupted":
             logger.warning("Interrupted: returning the best instruction found so far, without target-LM selection.")
         elif selection_valset:
-            results["target_selection"] = self._select_on_target(program, name, task, result, selection_valset)
+            results["target_selection"] = self._select_on_target(program, name, task, result, selection_valset,
+                                                                 results["layout"]["name"])
             chosen = results["target_selection"]["chosen"]
         logger.info("GReaTer [%s]: %r -> %r (held-out accuracy on the optimizer model %.3f -> %.3f)", name,
                     result.initial_instruction, result.best_instruction,
@@ -376,6 +387,7 @@ class GReaTerTeleprompter(Teleprompter):
         for n, p in program.named_predictors():
             p.signature = p.signature.with_instructions(instructions[n])
         program.greater_results = results
+        _keep_extractors(program)
         done = [n for n in names if not results[n].get("skipped")]
         logger.info("GReaTer: optimized %d of %d predictors (%s)%s.", len(done), len(names), ", ".join(done) or "none",
                     "" if len(done) == len(names) else
@@ -474,7 +486,7 @@ class GReaTerTeleprompter(Teleprompter):
                              dict(student.named_predictors())[plan.name].signature)
         train = deduplicated(train, task)
         train, heldout = self._split(train, heldout_given or None, task)
-        select = bool(self.target_candidates and valset and self.metric is not None and target_ready)
+        select = self._selects_on_target(valset, target_ready)
         try:
             entry, chosen = self._optimize(working, task, train, heldout, valset if select else None, checkpoint_dir,
                                            [(f"{plan.name} train", train), (f"{plan.name} held-out", heldout)])
@@ -515,7 +527,44 @@ class GReaTerTeleprompter(Teleprompter):
         runs = [(example, run) for example, run, _ in outcome.results if isinstance(run, _Run)]
         return _Runs(runs)
 
-    def _select_on_target(self, student, name: str, task: PredictorTask, result: SearchResult, valset) -> dict:
+    def _selects_on_target(self, valset, target_ready: bool) -> bool:
+        """Whether the instructions are chosen on the target LM; says once why a given metric goes unused."""
+        if not self.target_candidates or self.metric is None:
+            return False
+        why = None
+        if not target_ready:
+            why = ("no target LM is configured; configure one with dspy.configure(lm=...) or program.set_lm(...) to "
+                   "choose among the best instructions with it")
+        elif not valset:
+            why = "no valset was given; pass valset=... to choose among the best instructions on the target LM with it"
+        if why is not None and "metric" not in self._warned:
+            self._warned.add("metric")
+            logger.warning("GReaTer: the metric is not used: %s. The instruction is chosen on the optimizer model's "
+                           "held-out accuracy instead.", why)
+        return why is None
+
+    def _warn_layout_mismatch(self, layout_name: str, adapter) -> None:
+        """Warn once when the target runs the program with an adapter other than the one the search modelled."""
+        runs_greater = isinstance(adapter, GReaTerAdapter)
+        if (layout_name == "greater") == runs_greater or "adapter" in self._warned:
+            return
+        self._warned.add("adapter")
+        running = type(adapter).__name__ if adapter is not None else "ChatAdapter (no adapter is configured)"
+        if layout_name == "greater":
+            logger.warning(
+                "GReaTer: the search optimized the instruction in GReaTer's layout, but the target LM runs the program "
+                "with %s, whose prompt and reply format differ (small targets often cannot reply in it, and every "
+                "candidate then scores 0). Either run the program with the layout it was optimized in: "
+                "dspy.configure(adapter=GReaTerAdapter()) before compile and GReaTerAdapter.from_program(optimized) "
+                "after; or optimize for ChatAdapter with layout='chat_adapter'.", running)
+        else:
+            logger.warning(
+                "GReaTer: the search optimized the instruction in ChatAdapter's layout, but the target LM runs the "
+                "program with GReaTerAdapter. Use layout='greater' (or 'auto') with GReaTerAdapter, or configure "
+                "ChatAdapter for the target.")
+
+    def _select_on_target(self, student, name: str, task: PredictorTask, result: SearchResult, valset,
+                          layout_name: str = "greater") -> dict:
         """Score the best distinct instructions on ``valset`` on the target LM; never loses the search result.
 
         An answer the adapter cannot parse counts as wrong; an LM failure (server down, timeout)
@@ -536,10 +585,10 @@ class GReaTerTeleprompter(Teleprompter):
         if isinstance(adapter, GReaTerAdapter) and task.output_field not in adapter.extractors:
             adapter = copy.copy(adapter)  # score in the search's own answer format
             adapter.extractors = {**adapter.extractors, task.output_field: task.extractor}
-        per_call = 2 if isinstance(adapter, GReaTerAdapter) else 1  # GReaTerAdapter: reasoning, then the answer
-        estimate = len(candidates) * len(valset) * per_call * len(student.named_predictors())  # one call per predictor
+        self._warn_layout_mismatch(layout_name, adapter)
+        estimate = len(candidates) * len(valset) * _calls_per_prediction(adapter) * len(student.named_predictors())
         model = str(getattr(lm, "model", type(lm).__name__))
-        logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): about %d calls.",
+        logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): at most %d calls.",
                     len(candidates), len(valset), model, source, estimate)
         history_before = len(getattr(lm, "history", []))
         metric_failures: list[Exception] = []  # dspy.Evaluate would score a raising metric 0 silently
@@ -582,6 +631,12 @@ class GReaTerTeleprompter(Teleprompter):
                 unparsed[text] = len(failures)
         history = getattr(lm, "history", [])[history_before:]
         tokens = sum(int((entry.get("usage") or {}).get("total_tokens") or 0) for entry in history)
+        if scores and not any(scores.values()) and len(unparsed) == len(scores) and "unparsed" not in self._warned:
+            self._warned.add("unparsed")
+            logger.warning("GReaTer: every instruction scored 0 on the target LM %s and its replies could not be parsed "
+                           "with %s, so the target cannot tell them apart. Run the target with an adapter it can "
+                           "follow (GReaTerAdapter for small models) or a stronger target LM.", model,
+                           type(adapter).__name__ if adapter is not None else "ChatAdapter")
         chosen = max(scores, key=lambda t: (scores[t], -candidates.index(t))) if scores else result.best_instruction
         baseline = scores.get(result.initial_instruction)
         logger.info("Target LM %s (%s): baseline %s, chosen %.1f (%d calls, %d tokens).", model, source,
@@ -803,6 +858,16 @@ class GReaTerTeleprompter(Teleprompter):
 # -- helpers -------------------------------------------------------------------------------------------
 
 
+def _calls_per_prediction(adapter) -> int:
+    """The most target-LM calls one prediction costs under ``adapter`` (``None``: DSPy's default ChatAdapter)."""
+    if isinstance(adapter, GReaTerAdapter):
+        return 2  # the reasoning, then the answer
+    if adapter is None or (isinstance(adapter, dspy.ChatAdapter) and not isinstance(adapter, dspy.JSONAdapter)
+                           and adapter.use_json_adapter_fallback):
+        return 2  # a reply ChatAdapter cannot parse is asked again through JSONAdapter
+    return 1
+
+
 def _adapter_with(extractors: dict[str, Extractor]):
     """The configured adapter; a ``GReaTerAdapter`` also gets ``extractors`` for fields it has none for."""
     adapter = dspy.settings.adapter
@@ -812,6 +877,15 @@ def _adapter_with(extractors: dict[str, Extractor]):
             adapter = copy.copy(adapter)
             adapter.extractors = {**missing, **adapter.extractors}
     return adapter
+
+
+def _keep_extractors(program: dspy.Module) -> None:
+    """Store each optimized predictor's extractor in its saved state, so a saved and loaded program
+    replays the prompts ``GReaTerAdapter.from_program`` builds for the compiled one."""
+    predictors = dict(program.named_predictors())
+    for name, result in program.greater_results.items():
+        if result.get("extractor") and name in predictors:
+            keep_extractor(predictors[name], result["extractor"])
 
 
 def _share_lms(program: dspy.Module, original: dspy.Module) -> None:

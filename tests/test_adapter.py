@@ -326,15 +326,18 @@ def test_without_extractors_navigate_still_answers_yes_or_no(lm):
     assert all(a in ("Yes", "No") for a in answers) and len(lm.history) == 4
 
 
-def test_default_chat_adapter_fails_on_the_same_lm(lm):
-    """SmolLM2 writes no [[ ## field ## ]] markers; ChatAdapter falls back to JSONAdapter, which fails too."""
-    examples, _ = _task("navigate", 2)
-    program = dspy.ChainOfThought("question -> answer")
-    with dspy.context(lm=lm):
-        for example in examples:
-            with pytest.raises(AdapterParseError):
-                program(**example.inputs())
-    assert len(lm.history) == 2 * len(examples)  # one ChatAdapter call and one JSONAdapter call each
+def test_a_target_run_without_greater_adapter_is_warned_about_once(lm, tiny_teleprompter, caplog):
+    """``dspy.configure(lm=...)`` alone: the search uses GReaTer's layout, the target DSPy's ChatAdapter. The
+    mismatch is said once, with the fix, and the call estimate covers ChatAdapter's JSONAdapter retries."""
+    examples, _ = _task("navigate", 5)
+    with dspy.context(lm=lm), caplog.at_level("WARNING", logger="dspy_greater"):
+        optimized = tiny_teleprompter().compile(dspy.ChainOfThought("question -> answer"), trainset=examples[:3],
+                                                valset=examples[3:])
+    selection = optimized.greater_results["predict"]["target_selection"]
+    assert optimized.greater_results["predict"]["layout"]["name"] == "greater"
+    assert caplog.text.count("the target LM runs the program with ChatAdapter (no adapter is configured)") == 1
+    assert "dspy.configure(adapter=GReaTerAdapter())" in caplog.text and "layout='chat_adapter'" in caplog.text
+    assert selection["estimated_calls"] == 2 * 2 * len(selection["candidates"]) >= selection["calls"] > 0
 
 
 def test_letter_tasks_parse_into_their_options(lm):

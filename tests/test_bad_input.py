@@ -79,6 +79,25 @@ def test_few_heldout_examples_are_warned_about_before_the_model_loads(tp, caplog
         assert "held-out" not in caplog.text and "valset" not in caplog.text
 
 
+@pytest.mark.parametrize("lm, valset, expected", [
+    (None, 12, "no target LM is configured; configure one with dspy.configure(lm=...)"),
+    (dspy.LM("openai/never-called"), None, "no valset was given; pass valset=..."),
+])
+def test_an_unused_metric_is_said_once_before_the_model_loads(tp, caplog, lm, valset, expected):
+    with pytest.raises(AssertionError, match="loaded"), caplog.at_level("WARNING", logger="dspy_greater"), \
+            dspy.context(lm=lm):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=_examples(40),
+                   valset=_examples(valset, start=100) if valset else None)
+    assert caplog.text.count("the metric is not used") == 1 and expected in caplog.text
+
+
+def test_a_used_metric_is_not_warned_about(tp, caplog):
+    with pytest.raises(AssertionError, match="loaded"), caplog.at_level("WARNING", logger="dspy_greater"), \
+            dspy.context(lm=dspy.LM("openai/never-called")):
+        tp.compile(dspy.ChainOfThought("question -> answer"), trainset=_examples(40), valset=_examples(30, 100))
+    assert "metric is not used" not in caplog.text
+
+
 def test_non_text_field_type(tp):
     class Counting(dspy.Signature):
         """Count the items."""

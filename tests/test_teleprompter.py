@@ -156,3 +156,69 @@ def test_ctrl_c_returns_the_best_program_and_the_checkpoint_resumes(teleprompter
     assert result["resumed_at_step"] == 1 and result["stopped_reason"] == "completed"
     assert [s["instruction"] for s in result["trace"]] == [s["instruction"] for s in uninterrupted["trace"]]
     assert result["best_instruction"] == uninterrupted["best_instruction"]
+
+
+class _RecordingLM(dspy.BaseLM):
+    """A target that replies with ``replies`` in turn and records the messages it was sent."""
+
+    def __init__(self, *replies):
+        super().__init__(model="recording", cache=False)
+        self.replies, self.sent = replies, []
+
+    def forward(self, prompt=None, messages=None, **kwargs):
+        from litellm import ModelResponse
+        self.sent.append(json.dumps(messages))
+        text = self.replies[(len(self.sent) - 1) % len(self.replies)]
+        return ModelResponse(choices=[{"message": {"role": "assistant", "content": text}}], model=self.model,
+                             usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+
+
+@pytest.mark.parametrize("task, signature, reply", [
+    ("object_counting", "question -> answer", "7"),  # the labels add "(an integer)"; a str field alone does not
+    ("movie_recommendation", "question -> answer", "(B)"),  # the labels' options (A)-(E), not one question's (A)-(D)
+])
+def test_a_saved_and_loaded_program_sends_the_same_prompts(tiny_teleprompter, tmp_path, task, signature, reply):
+    from dspy_greater.adapter import GReaTerAdapter, extractor_for_field
+
+    examples = load_examples(task)
+    train, val, test = examples[:6], examples[6:8], examples[8:11]
+    optimized = tiny_teleprompter(target_candidates=0).compile(dspy.ChainOfThought(signature), trainset=train,
+                                                               valset=val)
+    optimized.save(str(tmp_path / "program.json"))
+    loaded = dspy.ChainOfThought(signature)
+    loaded.load(str(tmp_path / "program.json"))
+
+    sent = []
+    for program in (optimized, loaded):
+        lm = _RecordingLM("Counting them one by one.", reply)
+        with dspy.context(lm=lm, adapter=GReaTerAdapter.from_program(program)):
+            answers = [program(**e.inputs()).answer for e in test]
+        sent.append((lm.sent, answers))
+    assert sent[0] == sent[1] and len(sent[0][0]) == 2 * len(test)
+    # Without the saved extractor some answer prompts would differ: the field's type and one question's options
+    # are not what the labels say.
+    kept = GReaTerAdapter.from_program(loaded).extractor(loaded.predict.signature, "answer")
+    assert any(extractor_for_field(loaded.predict.signature, "answer", e.question).text != kept.text for e in test)
+
+
+def test_a_target_that_never_parses_is_warned_about(tiny_teleprompter, navigate, caplog):
+    train, val = navigate
+    lm = _RecordingLM("I am not sure what to say here.")
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()), caplog.at_level("WARNING", logger="dspy_greater"):
+        optimized = tiny_teleprompter(layout="greater").compile(dspy.ChainOfThought("question -> answer"),
+                                                                trainset=train, valset=val)
+    selection = optimized.greater_results["predict"]["target_selection"]
+    assert set(selection["scores"].values()) == {0.0} and len(selection["unparsed"]) == len(selection["scores"])
+    assert caplog.text.count("every instruction scored 0 on the target LM recording") == 1
+    assert "GReaTerAdapter for small models" in caplog.text
+    assert selection["calls"] == selection["estimated_calls"] == len(lm.sent)  # ChatAdapter, then JSONAdapter
+
+
+def test_no_parseable_held_out_answer_is_warned_about(tiny_teleprompter, caplog):
+    examples = load_examples("object_counting")
+    with caplog.at_level("WARNING", logger="dspy_greater"):
+        optimized = tiny_teleprompter(layout="chat_adapter", answer_tokens=1).compile(
+            dspy.ChainOfThought("question -> answer"), trainset=examples[:4], valset=examples[4:6])
+    result = optimized.greater_results["predict"]
+    assert all(p is None for p in result["initial_heldout"]["predictions"])
+    assert "gave no answer that parses on any held-out example in the chat_adapter layout" in caplog.text
