@@ -602,6 +602,7 @@ class OptimizerLM:
         prefix: Prefix | None = None,
         kept: list[KeptGradient | None] | None = None,
         kept_out: list[KeptGradient] | None = None,
+        edited_fluency: bool = True,
     ) -> tuple[float, torch.Tensor]:
         """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
 
@@ -618,6 +619,10 @@ class OptimizerLM:
                 sequence, or ``None``. Sequences whose kept gradient covers ``position`` are not run
                 again (this needs ``prefix``: its next-token distributions give their fluency part).
             kept_out: If given, receives one :class:`KeptGradient` per sequence, in order.
+            edited_fluency: Whether the fluency term's own entry at ``position`` (the edited token's
+                log-probability after its prefix) reaches the gradient. ``False`` keeps its value
+                (the current token's) but not its gradient, as the authors' code scores the old token
+                there: the fluency term then ranks candidates only by their effect on later tokens.
 
         Returns:
             The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
@@ -638,7 +643,8 @@ class OptimizerLM:
         # The embedding module (not its raw weight) applies any scaling the architecture uses (Gemma).
         candidate_rows = self.model.get_input_embeddings()(cand).detach()
         def mixed_logprob(logprobs: torch.Tensor) -> torch.Tensor:
-            return one_hot @ logprobs[cand].to(one_hot.dtype)
+            value = one_hot @ logprobs[cand].to(one_hot.dtype)
+            return value if edited_fluency else value.detach()
 
         total, n = 0.0, len(seqs)
         row_scores: dict[int, SequenceScore] = {}
@@ -670,8 +676,9 @@ class OptimizerLM:
             from_kept = torch.zeros_like(grad)
             for i in reused:
                 k = kept[i]
-                direct = prefix.next_logprobs[i].to(self.device)[cand]  # log p(candidate | prefix): the fluency term's own part
-                from_kept += candidate_rows.float() @ k.embedding_grads[position - k.start] - fluency_weight * direct / _fluency_count(seqs[i])
+                from_kept += candidate_rows.float() @ k.embedding_grads[position - k.start]
+                if edited_fluency:  # log p(candidate | prefix): the fluency term's own part
+                    from_kept -= fluency_weight * prefix.next_logprobs[i].to(self.device)[cand] / _fluency_count(seqs[i])
                 total += (k.score.answer_loss + fluency_weight * k.score.fluency) / n
                 row_scores[i], row_kept[i] = k.score, k
             grad = grad + from_kept / n

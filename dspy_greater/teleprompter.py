@@ -30,7 +30,8 @@ from dspy_greater.generation import CompletionServerGenerator, check_generation_
 from dspy_greater.layout import LAYOUTS, ChatAdapterLayout, GreaterLayout, make_layout
 from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
 from dspy_greater.model import OptimizerLM
-from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample, SearchResult
+from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample, SearchResult, _eval_dict
+from dspy_greater.start import PROGRAM_INSTRUCTION, is_generated_instruction, reasoning_instruction
 from dspy_greater.validation import (SCALAR_TYPES, build_config, check_examples, check_instruction, check_label_space,
                                      deduplicated, is_text_type, unsupported_reason)
 
@@ -142,7 +143,15 @@ class GReaTerTeleprompter(Teleprompter):
         config: A :class:`GreaterConfig` (or a dict of its fields); keyword arguments override it.
         extractor: Answer extractor text or :class:`Extractor`; derived from the signature and
             labels when ``None``.
-        initial_instruction: Start from this text instead of the predictor's own instruction.
+        initial_instruction: Where the search starts. ``None`` (default): in GReaTer's layout, a
+            predictor whose instruction DSPy generated from its signature starts from the paper's
+            reasoning instruction ("Use proper logical reasoning and think step by step. Finally
+            give the actual correct answer."), since under DSPy's generated text a small optimizer
+            model answers at once and leaves no reasoning to take a gradient through; any other
+            predictor starts from its own instruction. ``"program"``: every predictor starts from
+            its own instruction. Any other text: start from it (one predictor only). Either way the
+            program's own instruction is the baseline: compile never returns an instruction that
+            scored below it on the held-out (or target) examples.
         dtype, device, device_map, cache_dir, trust_remote_code: Model loading options (see
             :class:`ModelSpec`); ignored when ``model`` is a ``ModelSpec``.
         progress: Show a tqdm progress bar.
@@ -304,8 +313,8 @@ class GReaTerTeleprompter(Teleprompter):
         name = task.name
         self._seed()
         search = self._search(task)
-        self._check_context(search, task, named_sets)
-        initial = self.initial_instruction or task.instruction
+        initial = self._start(task, search.layout.name)
+        self._check_context(search, initial, task, named_sets)
         bar = tqdm(total=self.config.num_steps, desc=f"GReaTer [{name}]", disable=not self.progress)
 
         def on_step(record):
@@ -331,6 +340,13 @@ class GReaTerTeleprompter(Teleprompter):
                 "Use a larger optimizer model (model=...), or layout='greater' with GReaTerAdapter on the target.",
                 name, results["layout"]["name"])
         chosen = result.best_instruction
+        results["program_instruction"] = task.instruction
+        if initial != task.instruction and result.trace:  # the program's own text is the baseline to beat
+            own = search.evaluate(search.layout.encode_instruction(task.instruction),
+                                  [task.search_example(e, search.layout) for e in heldout or train])
+            results["program_heldout"] = _eval_dict(own)
+            if own.key() > (result.best_heldout["accuracy"], -result.best_heldout["mean_loss"]):
+                chosen = task.instruction
         if result.stopped_reason == "interrupted":
             logger.warning("Interrupted: returning the best instruction found so far, without target-LM selection.")
         elif selection_valset:
@@ -347,7 +363,7 @@ class GReaTerTeleprompter(Teleprompter):
     def _compile_several(self, student, trainset, valset, checkpoint_dir) -> dspy.Module:
         predictors = student.named_predictors()
         names = [n for n, _ in predictors]
-        if self.initial_instruction is not None:
+        if self.initial_instruction not in (None, PROGRAM_INSTRUCTION):
             raise ValueError(
                 f"initial_instruction sets one predictor's starting instruction, but this program has {len(names)} "
                 f"({', '.join(names)}). Set each predictor's instruction on the program instead "
@@ -577,8 +593,8 @@ class GReaTerTeleprompter(Teleprompter):
         """
         ordered = [result.best_instruction, *(t["instruction"] for t in result.top_instructions), result.initial_instruction]
         candidates = list(dict.fromkeys(ordered))[: self.target_candidates]
-        if result.initial_instruction not in candidates:
-            candidates.append(result.initial_instruction)  # the baseline is always measured
+        if task.instruction not in candidates:
+            candidates.append(task.instruction)  # the program's own instruction, the baseline, is always measured
         predictor = dict(student.named_predictors())[name]
         lm, source = _target_lm(predictor)
         adapter = dspy.settings.adapter
@@ -638,7 +654,7 @@ class GReaTerTeleprompter(Teleprompter):
                            "follow (GReaTerAdapter for small models) or a stronger target LM.", model,
                            type(adapter).__name__ if adapter is not None else "ChatAdapter")
         chosen = max(scores, key=lambda t: (scores[t], -candidates.index(t))) if scores else result.best_instruction
-        baseline = scores.get(result.initial_instruction)
+        baseline = scores.get(task.instruction)
         logger.info("Target LM %s (%s): baseline %s, chosen %.1f (%d calls, %d tokens).", model, source,
                     "n/a" if baseline is None else f"{baseline:.1f}", scores.get(chosen, float("nan")),
                     len(history), tokens)
@@ -712,7 +728,7 @@ class GReaTerTeleprompter(Teleprompter):
         else:
             name, predictor = predictors[0]
         signature = predictor.signature
-        if self.initial_instruction is None:
+        if self.initial_instruction in (None, PROGRAM_INSTRUCTION):
             check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
         inputs = tuple(signature.input_fields)
         outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
@@ -822,7 +838,18 @@ class GReaTerTeleprompter(Teleprompter):
         logger.info("GReaTer [%s]: searching in the chat_adapter layout (%s).", task.name, why)
         return layout, {"name": "chat_adapter", "adapter": type(layout.adapter).__name__, "reason": why}
 
-    def _check_context(self, search: GreaterSearch, task: PredictorTask, named_sets) -> None:
+    def _start(self, task: PredictorTask, layout_name: str) -> str:
+        """The instruction the search starts from (see ``initial_instruction``)."""
+        if self.initial_instruction not in (None, PROGRAM_INSTRUCTION):
+            return self.initial_instruction
+        if self.initial_instruction is None and layout_name == "greater" and is_generated_instruction(task.signature):
+            start = reasoning_instruction(task.output_field)
+            logger.info("GReaTer [%s]: the instruction is DSPy's generated one; the search starts from %r, and the "
+                        "program's own instruction is the baseline.", task.name, start)
+            return start
+        return task.instruction
+
+    def _check_context(self, search: GreaterSearch, initial: str, task: PredictorTask, named_sets) -> None:
         """Fail before any step when an example's sequence cannot fit the model's context.
 
         ``named_sets``: ``[("trainset", examples), ("valset", examples)]``, so the error names the example.
@@ -830,7 +857,7 @@ class GReaTerTeleprompter(Teleprompter):
         limit = getattr(search.lm.model.config, "max_position_embeddings", None)
         if not limit:
             return
-        instruction = search.layout.encode_instruction(self.initial_instruction or task.instruction)
+        instruction = search.layout.encode_instruction(initial)
         room = self.config.max_reasoning_tokens + len(search.extractor_ids) + 16
         room += max(len(instruction), self.config.max_instruction_tokens)
         bare = len(search.layout.prompt("", []).ids)

@@ -738,3 +738,128 @@ def test_checkpoint_of_another_run_is_refused_before_any_work(lm, layout, naviga
     path.write_text("{not json")
     with pytest.raises(CheckpointMismatchError, match="not a readable"):
         search.run("Be brief.", nav[:2], nav[2:3], checkpoint=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The authors' step rules (GreaterConfig.faithful), one step built by hand on the real model
+# ---------------------------------------------------------------------------------------------
+
+_FAITHFUL_STEP = dict(batch_size=None, max_reasoning_tokens=6, keep_current=False, seed=0)
+
+
+def _one_step(search, text, position, examples, initial_length=None):
+    ids = search.layout.encode_instruction(text)
+    record = search._step(0, ids, position, examples, random.Random(0), initial_length or len(ids))
+    return ids, record
+
+
+def _rank(search, finalist):
+    return search._finalist_rank(finalist)
+
+
+def test_faithful_sets_every_step_rule():
+    cfg = GreaterConfig.faithful()
+    assert (cfg.current_competes, cfg.sentence_end_accept, cfg.growth_token, cfg.edited_fluency) == (True, True, "!", False)
+    default = GreaterConfig()
+    assert (default.current_competes, default.sentence_end_accept, default.growth_token, default.edited_fluency) == (
+        False, False, None, True)
+    for switch in ("current_competes", "sentence_end_accept", "growth_token", "edited_fluency"):
+        assert switch in GreaterConfig.__doc__.split("Attributes:")[0]  # each deviation is listed with its switch
+
+
+@pytest.mark.slow
+def test_the_current_token_competes_as_a_finalist_and_can_win(lm, layout, navigate):
+    extractor, nav = navigate
+    examples = nav[:3]
+    # Every candidate is a finalist, so the current token is one, and the best of all of them wins.
+    search = _search(lm, layout, extractor, current_competes=True, num_finalists=100, **_FAITHFUL_STEP)
+    ids, record = _one_step(search, "Think about it step by step", 1, examples)
+    current = layout.decode([ids[1]])
+    assert current in [f["token"] for f in record["finalists"]]
+    best = min(record["finalists"], key=lambda f: _rank(search, f))
+    assert record["chosen"] == best["token"] and record["changed"] == (best["token"] != current)
+    # Scored like the others: its entry is the current instruction's own score (from the gradient pass).
+    own = next(f for f in record["finalists"] if f["token"] == current)
+    assert math.isfinite(own["score"]) and own["token_id"] == ids[1]
+    # Without the rule the current token is never a finalist, so it can never stay.
+    search = _search(lm, layout, extractor, current_competes=False, num_finalists=100, **_FAITHFUL_STEP)
+    _, record = _one_step(search, "Think about it step by step", 1, examples)
+    assert current not in [f["token"] for f in record["finalists"]] and record["changed"]
+    # With a single finalist chosen by gradient, the current token stays exactly when its gradient ranks first.
+    search = _search(lm, layout, extractor, current_competes=True, num_finalists=1, **_FAITHFUL_STEP)
+    _, record = _one_step(search, "Think about it step by step", 1, examples)
+    assert len(record["finalists"]) == 1 and record["chosen"] == record["finalists"][0]["token"]
+    assert min(record["finalists"][0]["gradient"], 0) <= 0
+
+
+@pytest.mark.slow
+def test_a_finalist_ending_the_sentence_past_half_the_start_is_accepted_at_once(lm, layout, navigate):
+    extractor, nav = navigate
+    examples = nav[:3]
+    text = "Think about it step by step"  # 6 tokens; the end position (6) is past half of them
+    search = _search(lm, layout, extractor, sentence_end_accept=True, growth_token="!", current_competes=True,
+                     num_finalists=100, **_FAITHFUL_STEP)
+    ids, record = _one_step(search, text, len(layout.encode_instruction(text)), examples)
+    assert any("." in c for c in record["candidates"])  # the proposals at a sentence's end hold a period
+    assert len(record["finalists"]) == 1 and "." in record["chosen"]  # the first period finalist, unscored against others
+    assert record["instruction"].endswith(record["chosen"]) and record["changed"]
+    # Before half the start's length the rule does not apply: every finalist is scored.
+    ids, record = _one_step(search, text, len(ids), examples, initial_length=2 * len(ids) + 1)
+    assert len(record["finalists"]) > 1
+    assert record["chosen"] == min(record["finalists"], key=lambda f: _rank(search, f))["token"]
+
+
+@pytest.mark.slow
+def test_growth_appends_the_placeholder_which_competes_like_a_current_token(lm, layout, navigate):
+    extractor, nav = navigate
+    examples = nav[:3]
+    search = _search(lm, layout, extractor, growth_token="!", current_competes=True, num_finalists=100,
+                     **_FAITHFUL_STEP)
+    ids, record = _one_step(search, "Think carefully", 2, examples)
+    assert record["candidates"][-1] == "!"  # the placeholder is the current token of the new position
+    assert "!" in [f["token"] for f in record["finalists"]]
+    best = min(record["finalists"], key=lambda f: _rank(search, f))
+    assert record["chosen"] == best["token"]
+    assert len(layout.encode_instruction(record["instruction"])) == len(ids) + 1
+    # The default grows with the most likely proposal at the new position instead.
+    search = _search(lm, layout, extractor, num_finalists=100, **{**_FAITHFUL_STEP, "keep_current": True})
+    _, record = _one_step(search, "Think carefully", 2, examples)
+    assert "!" not in record["candidates"]
+    with pytest.raises(ValueError, match="one token"):
+        _search(lm, layout, extractor, growth_token="step by step")
+
+
+@pytest.mark.slow
+def test_edited_fluency_switch_removes_exactly_the_edited_tokens_own_term(lm, layout, navigate):
+    extractor, nav = navigate
+    search = _search(lm, layout, extractor, max_reasoning_tokens=6)
+    ids = layout.encode_instruction("Think about it step by step")
+    examples, position = nav[:3], 2
+    seqs = search.sequences(ids, examples, search.reasoning(ids, examples))
+    candidates = sorted({ids[position], *range(1000, 1010)})
+    grads = {}
+    for flag in (True, False):
+        _, grads[flag] = lm.one_hot_gradient(seqs, position, candidates, answer_temperature=0.2, fluency_weight=0.2,
+                                             edited_fluency=flag)
+    contexts = [s.ids[: s.instruction_start + position] for s in seqs]
+    logprobs = lm.next_token_logprobs(contexts)[:, candidates]
+    counts = torch.tensor([s.instruction_end - max(s.instruction_start, 1) for s in seqs], dtype=torch.float32)
+    own_term = -(0.2 * logprobs / counts[:, None]).sum(0) / len(seqs)
+    torch.testing.assert_close(grads[True] - grads[False], own_term, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_edit_whose_text_re_encodes_differently_continues_from_the_text(lm, layout, navigate):
+    extractor, nav = navigate
+    search = _search(lm, layout, extractor)
+    merged = [*layout.encode_instruction("Think"), *layout.encode_instruction("ing")]  # "Think" + "ing" -> "Thinking"
+    again = layout.encode_instruction(layout.instruction_text(merged))
+    assert again != merged and search._round_trip(merged) == again
+    ok = layout.encode_instruction("Think about it")
+    assert search._round_trip(ok) == ok
+    # Every instruction a run scores is the encoding of its own text.
+    search = _search(lm, layout, extractor, num_steps=3, batch_size=2, max_reasoning_tokens=4, keep_current=False,
+                     eval_every=1, seed=1)
+    result = search.run("Think about it", nav[:2], nav[2:3])
+    for record in result.trace:
+        assert layout.instruction_text(layout.encode_instruction(record.instruction)) == record.instruction

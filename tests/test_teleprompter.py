@@ -220,5 +220,48 @@ def test_no_parseable_held_out_answer_is_warned_about(tiny_teleprompter, caplog)
         optimized = tiny_teleprompter(layout="chat_adapter", answer_tokens=1).compile(
             dspy.ChainOfThought("question -> answer"), trainset=examples[:4], valset=examples[4:6])
     result = optimized.greater_results["predict"]
+    assert result["initial_instruction"] == result["program_instruction"]  # the reasoning start is GReaTer's layout's
     assert all(p is None for p in result["initial_heldout"]["predictions"])
     assert "gave no answer that parses on any held-out example in the chat_adapter layout" in caplog.text
+
+
+PAPER_START = "Use proper logical reasoning and think step by step. Finally give the actual correct answer."
+DSPY_GENERATED = "Given the fields `question`, produce the fields `answer`."
+
+
+def test_which_instructions_dspy_generated():
+    from dspy_greater.start import is_generated_instruction, reasoning_instruction
+
+    assert is_generated_instruction(dspy.ChainOfThought("question -> answer").predict.signature)
+    assert is_generated_instruction(dspy.Predict("context, question -> answer").signature)
+    assert not is_generated_instruction(dspy.Predict(dspy.Signature("question -> answer", "Answer Yes or No.")).signature)
+    assert reasoning_instruction("answer") == PAPER_START
+    assert reasoning_instruction("sorted_words").endswith("give the actual correct sorted words.")
+
+
+def test_a_generated_instruction_starts_the_search_from_reasoning(tiny_teleprompter, navigate):
+    train, val = navigate
+    optimized = tiny_teleprompter(target_candidates=0).compile(dspy.ChainOfThought("question -> answer"),
+                                                               trainset=train, valset=val)
+    result = optimized.greater_results["predict"]
+    assert result["initial_instruction"] == PAPER_START and result["program_instruction"] == DSPY_GENERATED
+    # The program's own instruction is the baseline: it is returned when it scored above every searched one.
+    own, best = result["program_heldout"], result["best_heldout"]
+    beaten = (own["accuracy"], -own["mean_loss"]) > (best["accuracy"], -best["mean_loss"])
+    assert optimized.predict.signature.instructions == (DSPY_GENERATED if beaten else result["best_instruction"])
+
+
+@pytest.mark.parametrize("initial_instruction, program_instruction, start", [
+    ("program", None, DSPY_GENERATED),  # the documented value that keeps the program's own text
+    (None, "Answer Yes or No.", "Answer Yes or No."),  # a user-written instruction is the start as it is
+    ("Think it through.", None, "Think it through."),  # an explicit start overrides
+])
+def test_other_starts(tiny_teleprompter, navigate, initial_instruction, program_instruction, start):
+    train, val = navigate
+    program = dspy.ChainOfThought("question -> answer")
+    if program_instruction:
+        program.predict.signature = program.predict.signature.with_instructions(program_instruction)
+    tp = tiny_teleprompter(target_candidates=0, initial_instruction=initial_instruction, num_steps=1)
+    result = tp.compile(program, trainset=train, valset=val).greater_results["predict"]
+    assert result["initial_instruction"] == start
+    assert result["program_instruction"] == (program_instruction or DSPY_GENERATED)
