@@ -82,7 +82,10 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
             calls = len(dspy.settings.lm.history)
     elapsed = time.perf_counter() - started
 
+    start = optimized.greater_results["predict"]["initial_instruction"]
     print(f"\nInitial instruction:   {before['instruction']!r}")
+    if start != before["instruction"]:
+        print(f"Search started from:   {start!r}")
     print(f"Optimized instruction: {after['instruction']!r}")
     print(f"\nOptimizer model's answers on {len(test)} held-out test examples "
           "(balanced = mean recall per label; a model that always gives one label scores 1/#labels):")

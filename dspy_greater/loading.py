@@ -455,7 +455,7 @@ def validate_model_spec(spec: ModelSpec | None) -> None:
         if spec.device_map is None:
             _check_device(spec.device)
     source = _resolve_source(spec)
-    if source.kind in ("pretrained", "gguf_hub"):
+    if source.kind in ("pretrained", "gguf_hub") and not pathlib.Path(source.path).exists():  # a hub id
         _check_hub_id(source)
 
 

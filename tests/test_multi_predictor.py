@@ -67,7 +67,8 @@ def test_two_predictors_first_learns_from_successful_traces(teleprompter, data, 
     for result, predictor in ((plan, optimized.plan.predict), (solve, optimized.solve.predict)):
         selection = result["target_selection"]
         assert selection["target_lm"] == "dspy.settings.lm"
-        assert selection["calls"] == selection["estimated_calls"] == 2 * len(val) * 2  # 2 candidates, 2 predictors
+        assert selection["calls"] == 2 * len(val) * 2  # 2 candidates, 2 predictors; every reply parsed at once
+        assert selection["estimated_calls"] == 2 * selection["calls"]  # at most: ChatAdapter may retry via JSONAdapter
         assert set(selection["scores"].values()) == {50.0}  # the DummyLM ignores the instruction
         assert predictor.signature.instructions == selection["chosen"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.predict.json", "solve.predict.json"]

@@ -115,17 +115,17 @@ def _dead_port() -> int:
 def test_selection_scores_every_candidate_on_the_target(compiled, splits):
     results = compiled.optimized.greater_results["predict"]
     selection = results["target_selection"]
-    initial = results["initial_instruction"]
+    own = results["program_instruction"]
     candidates = selection["candidates"]
     # The search's result is kept, and the candidates come from it.
     assert results["best_instruction"] == compiled.search.best_instruction
     assert candidates[0] == compiled.search.best_instruction
-    assert initial in candidates and len(candidates) == len(set(candidates)) >= 2
-    # Every candidate was scored on the target, the initial instruction being the baseline.
+    assert own in candidates and len(candidates) == len(set(candidates)) >= 2
+    # Every candidate was scored on the target, the program's own instruction being the baseline.
     assert selection["errors"] == {}
     assert set(selection["scores"]) == set(candidates)
     assert all(0.0 <= s <= 100.0 for s in selection["scores"].values())
-    assert selection["baseline"] == selection["scores"][initial]
+    assert selection["baseline"] == selection["scores"][own]
     # GReaTerAdapter: two target calls per example; the estimate was exact and the calls were real.
     assert selection["estimated_calls"] == 2 * len(splits.val) * len(candidates)
     assert selection["calls"] == selection["estimated_calls"] == compiled.calls > 0
@@ -135,7 +135,7 @@ def test_selection_scores_every_candidate_on_the_target(compiled, splits):
     best = max(selection["scores"].values())
     assert selection["chosen"] == next(c for c in candidates if selection["scores"][c] == best)
     assert compiled.optimized.predict.signature.instructions == selection["chosen"]
-    assert compiled.student.predict.signature.instructions == initial  # the student is untouched
+    assert compiled.student.predict.signature.instructions == own  # the student is untouched
 
 
 def test_optimized_program_evaluates_on_the_target(compiled, server, splits):
