@@ -1,17 +1,35 @@
-"""GReaTer for DSPy: optimize a program's instructions with gradients over a small model's reasoning."""
+"""GReaTer for DSPy: optimize a program's instructions with gradients over a small model's reasoning.
 
-from dspy_greater.extractor import Extractor, derive_extractor
-from dspy_greater.loading import ModelSpec, load_optimizer_model
-from dspy_greater.search import GreaterConfig, SearchResult
-from dspy_greater.teleprompter import GReaTerTeleprompter
+The public names are imported on first use, so that ``import dspy_greater`` (and the command line's
+``--help``) does not load torch and DSPy.
+"""
 
-__all__ = [
-    "Extractor",
-    "GReaTerTeleprompter",
-    "GreaterConfig",
-    "ModelSpec",
-    "SearchResult",
-    "derive_extractor",
-    "load_optimizer_model",
-]
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Extractor": "dspy_greater.extractor",
+    "derive_extractor": "dspy_greater.extractor",
+    "ModelSpec": "dspy_greater.loading",
+    "load_optimizer_model": "dspy_greater.loading",
+    "GreaterConfig": "dspy_greater.search",
+    "SearchResult": "dspy_greater.search",
+    "GReaTerTeleprompter": "dspy_greater.teleprompter",
+    "GReaTerAdapter": "dspy_greater.adapter",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dspy_greater' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -1,4 +1,4 @@
-"""``dspy-greater``: the demo, and optimizing an instruction for a task file."""
+"""``dspy-greater``: the demo, optimizing a program for your own task file, and serving a GGUF model."""
 
 from __future__ import annotations
 
@@ -116,8 +116,107 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
     return report
 
 
+class _CommandLineError(ValueError):
+    """Bad command-line input, already worded in terms of the flags."""
+
+
+def run_optimize(args: argparse.Namespace) -> dict:
+    """Optimize a program built from ``--signature`` on a task file; report before/after on a held-out split."""
+    import dspy
+
+    from dspy_greater import GReaTerTeleprompter
+    from dspy_greater.data import load_fields, split_examples
+    from dspy_greater.metrics import exact_match
+    from dspy_greater.search import GreaterConfig
+
+    try:
+        signature = dspy.Signature(args.signature)
+    except Exception as error:  # noqa: BLE001 - DSPy's parser raises several kinds
+        raise _CommandLineError(f"--signature {args.signature!r} is not a DSPy signature such as "
+                                f"'context, question -> answer' ({error})") from None
+    if args.instruction:
+        signature = signature.with_instructions(args.instruction)
+    inputs, outputs = list(signature.input_fields), list(signature.output_fields)
+    if len(outputs) != 1:
+        raise _CommandLineError(f"--signature must have one output field, got {len(outputs)} ({', '.join(outputs)}).")
+    try:
+        examples = load_fields(args.file, inputs, outputs)
+    except ValueError as error:
+        raise _CommandLineError(f"{error} (--signature {args.signature!r})") from None
+    test_n = args.test if args.test is not None else max(1, len(examples) // 5)
+    val_n = args.val if args.val is not None else max(1, len(examples) // 5)
+    test, val, train = split_examples(examples, [test_n, val_n, None], seed=args.seed)
+    if not train:
+        raise _CommandLineError(f"{args.file} has {len(examples)} rows, all taken by --test {test_n} and --val {val_n}; "
+                                "lower them or add rows.")
+    print(f"{args.file}: {len(train)} train / {len(val)} held-out / {len(test)} test rows (seed {args.seed}).")
+    program = dspy.ChainOfThought(signature) if args.program == "cot" else dspy.Predict(signature)
+    overrides = {k: v for k, v in (("num_steps", args.steps), ("batch_size", args.batch_size),
+                                   ("max_reasoning_tokens", args.reasoning_tokens), ("seed", args.seed)) if v is not None}
+    config = GreaterConfig.faithful(**overrides) if args.faithful else GreaterConfig(**overrides)
+    teleprompter = GReaTerTeleprompter(metric=exact_match, config=config, model=args.model, dtype=args.dtype,
+                                       device=args.device, layout=args.layout, progress=not args.quiet)
+    before, golds = teleprompter.optimizer_predictions(program, test)
+    optimized = teleprompter.compile(program, trainset=train, valset=val, checkpoint_dir=args.checkpoint_dir)
+    after, _ = teleprompter.optimizer_predictions(optimized, test)
+    name, predictor = optimized.named_predictors()[0]
+    rows = [_summary_rows("before", signature.instructions, golds, before),
+            _summary_rows("after", predictor.signature.instructions, golds, after)]
+    start = optimized.greater_results[name]["initial_instruction"]
+    print(f"\nInitial instruction:   {rows[0]['instruction']!r}")
+    if start != rows[0]["instruction"]:
+        print(f"Search started from:   {start!r}")
+    print(f"Optimized instruction: {rows[1]['instruction']!r}")
+    print(f"\nThe optimizer model's answers on {len(test)} test rows:")
+    _print_table(rows)
+    if args.save:
+        optimized.save(args.save)
+        print(f"Optimized program saved to {args.save} (load it with program.load(...); run it with "
+              "dspy.configure(adapter=GReaTerAdapter.from_program(program)) in GReaTer's layout)")
+    return {"before": rows[0], "after": rows[1], "search": optimized.greater_results}
+
+
+def _add_optimize_subcommand(sub) -> None:
+    opt = sub.add_parser("optimize", help="optimize a DSPy program's instruction on your own task file",
+                         description="Build dspy.ChainOfThought (or dspy.Predict) from --signature, optimize its "
+                                     "instruction on the rows of FILE, and report the optimizer model's accuracy on "
+                                     "a held-out test split before and after.")
+    opt.add_argument("file", help="a .json, .jsonl, .csv or .tsv file, one labelled example per row, with a column "
+                                  "for each field of the signature")
+    opt.add_argument("--signature", required=True,
+                     help="the program's DSPy signature, e.g. 'context, question -> answer' (one output field)")
+    opt.add_argument("--instruction", default=None,
+                     help="the program's instruction (default: DSPy's for the signature; the search then starts "
+                          "from a reasoning instruction)")
+    opt.add_argument("--program", choices=["cot", "predict"], default="cot",
+                     help="dspy.ChainOfThought (cot, default) or dspy.Predict")
+    opt.add_argument("--steps", type=int, default=None, help="search steps (default: GreaterConfig's)")
+    opt.add_argument("--batch-size", type=int, default=None, help="training examples per step (default: GreaterConfig's)")
+    opt.add_argument("--reasoning-tokens", type=int, default=None,
+                     help="length bound of the optimizer model's reasoning (default: GreaterConfig's)")
+    opt.add_argument("--faithful", action="store_true",
+                     help="the paper's protocol (GreaterConfig.faithful(): slow, hours per task on a CPU)")
+    opt.add_argument("--layout", choices=["auto", "greater", "chat_adapter"], default="auto",
+                     help="where the instruction sits in what the optimizer model sees (see the docs)")
+    opt.add_argument("--model", default=None,
+                     help="optimizer model: hub id, folder or .gguf (default: the embedded SmolLM2-135M)")
+    opt.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="optimizer model dtype (auto: float32 on CPU, bfloat16/float16 on CUDA)")
+    opt.add_argument("--device", default=None, help="optimizer model device, e.g. cuda (default: cuda if available)")
+    opt.add_argument("--val", type=int, default=None, help="held-out rows the instruction is chosen on (default: a fifth)")
+    opt.add_argument("--test", type=int, default=None, help="test rows for before/after (default: a fifth)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of the split and the search")
+    opt.add_argument("--checkpoint-dir", default=None, help="write a checkpoint here after every step; rerun to resume")
+    opt.add_argument("--save", default=None, help="save the optimized program (DSPy JSON) here")
+    opt.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+    opt.set_defaults(func=run_optimize)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from dspy_greater import __version__
+
     parser = argparse.ArgumentParser(prog="dspy-greater", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="optimize an instruction on a BBH task (or a task file) and report before/after")
     demo.add_argument("--task", default="navigate", help="packaged BBH task (default: navigate)")
@@ -129,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optimizer model dtype (auto: float32 on CPU, bfloat16/float16 on CUDA); bfloat16 is "
                            "faster on CPUs with AMX or AVX-512-BF16 (benchmarks/README.md)")
     demo.add_argument("--device", default=None, help="optimizer model device, e.g. cuda (default: cuda if available)")
-    demo.add_argument("--train", type=int, default=24)
-    demo.add_argument("--val", type=int, default=12)
-    demo.add_argument("--test", type=int, default=40)
-    demo.add_argument("--steps", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train", type=int, default=24, help="training rows (default: 24)")
+    demo.add_argument("--val", type=int, default=12, help="held-out rows the instruction is chosen on (default: 12)")
+    demo.add_argument("--test", type=int, default=40, help="test rows for before/after (default: 40)")
+    demo.add_argument("--steps", type=int, default=10, help="search steps (default: 10)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split and the search (default: 0)")
     demo.add_argument("--instruction", default=None, help="initial instruction (default: the program's own)")
     demo.add_argument("--output", default=None, help="write a JSON report here")
     demo.add_argument("--save-program", default=None, help="save the optimized DSPy program (JSON) here")
@@ -143,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-tokens", type=int, default=128, help="reasoning token limit on the target LM")
     demo.add_argument("--threads", type=int, default=2, help="threads for target-LM evaluation")
     demo.set_defaults(func=run_demo)
+    _add_optimize_subcommand(sub)
 
     from dspy_greater.server import add_serve_subcommand
 

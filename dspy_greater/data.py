@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import dspy
 
-__all__ = ["bbh_tasks", "bbh_path", "load_examples", "split_examples", "Splits", "BBH_DIR"]
+__all__ = ["bbh_tasks", "bbh_path", "load_examples", "load_fields", "split_examples", "Splits", "BBH_DIR"]
 
 BBH_DIR = pathlib.Path(__file__).resolve().parent / "data" / "bbh"
 
@@ -84,6 +84,27 @@ def load_examples(
     return examples
 
 
+def load_fields(source: str | os.PathLike, inputs: Sequence[str], outputs: Sequence[str]) -> list[dspy.Example]:
+    """Examples with the given input and output fields, each read from the column of the same name.
+
+    ``source`` is a task file as for :func:`load_examples`. Values become ``str``; a row with a
+    missing or empty value raises ``ValueError`` naming the row and the column.
+    """
+    ds = _load_dataset(source, "train")
+    columns = list(ds.column_names)
+    missing = [f for f in [*inputs, *outputs] if f not in columns]
+    if missing:
+        raise ValueError(f"{str(source)!r} has no column {', '.join(repr(f) for f in missing)} (its columns: "
+                         f"{', '.join(columns)}); name the signature's fields like the file's columns")
+    examples = []
+    for i, row in enumerate(ds):
+        for name in [*inputs, *outputs]:
+            if row[name] is None or not _to_str(row[name]).strip():
+                raise ValueError(f"row {i} of {str(source)!r} has no value in column {name!r}")
+        examples.append(dspy.Example(**{f: _to_str(row[f]) for f in [*inputs, *outputs]}).with_inputs(*inputs))
+    return examples
+
+
 class Splits(list):
     """The splits (a ``list`` of example lists, so ``train, dev = split_examples(...)`` works),
     plus ``indices``: for each split, the positions of its examples in the input list, and
@@ -135,6 +156,17 @@ def split_examples(examples: Sequence[Any], sizes: Sequence[int | None], seed: i
 
 def _load_dataset(source: Any, split: str):
     import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # reading a local file needs no progress bar
+    try:
+        return _read(datasets, source, split)
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _read(datasets, source: Any, split: str):
 
     if isinstance(source, datasets.DatasetDict):
         return source[split]

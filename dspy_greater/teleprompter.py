@@ -6,6 +6,7 @@ driven through :class:`~dspy_greater.search.GreaterSearch`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import logging
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from dspy.teleprompt import Teleprompter
 from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.logging_utils import configure_dspy_loggers
 from tqdm.auto import tqdm
 
 from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs, keep_extractor
@@ -36,6 +38,9 @@ from dspy_greater.validation import (SCALAR_TYPES, build_config, check_examples,
                                      deduplicated, is_text_type, unsupported_reason)
 
 logger = logging.getLogger(__name__)
+# This package's messages reach the user the way DSPy's own do (same stream, format and INFO level), and
+# dspy.disable_logging() silences them too.
+configure_dspy_loggers("dspy_greater")
 # Fewer held-out examples than this get a warning: on 12 the chosen instruction's held-out gain overstated its
 # test gain about tenfold (benchmarks/README.md, section 3).
 RELIABLE_HELDOUT = 30
@@ -286,6 +291,13 @@ class GReaTerTeleprompter(Teleprompter):
         the whole program's ``metric`` on the target LM (the other predictors at their current
         instructions) when one is available, else on the optimizer model's held-out score.
         """
+        if teacher is not None:
+            logger.warning("GReaTer: teacher is not used (GReaTer searches the student's instructions on its optimizer "
+                           "model); leave it unset.")
+        with _info_logs(self.progress):
+            return self._compile(student, trainset, valset, checkpoint_dir)
+
+    def _compile(self, student, trainset, valset, checkpoint_dir) -> dspy.Module:
         if valset is not None and hasattr(valset, "__len__") and not isinstance(valset, (str, bytes)) and not len(valset):
             # BetterTogether passes valset=[] when the trainset is too small to split.
             logger.warning("valset is empty; treating it as None (choosing on a held-out part of trainset).")
@@ -883,6 +895,19 @@ class GReaTerTeleprompter(Teleprompter):
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _info_logs(shown: bool):
+    """This package's INFO messages while compiling: shown with ``progress=True``, else warnings only."""
+    package = logging.getLogger("dspy_greater")
+    level = package.level
+    if not shown:
+        package.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        package.setLevel(level)
 
 
 def _calls_per_prediction(adapter) -> int:

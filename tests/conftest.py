@@ -1,5 +1,7 @@
 """Shared pytest fixtures for dspy_greater."""
 
+import logging
+
 import pytest
 
 import dspy_greater.teleprompter as tp_module
@@ -8,6 +10,12 @@ from dspy_greater.layout import GreaterLayout
 from dspy_greater.loading import load_optimizer_model
 from dspy_greater.metrics import exact_match
 from dspy_greater.model import OptimizerLM
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _package_records_reach_caplog():
+    """The package logs as DSPy does (its own handler, not propagated); tests read its records with caplog."""
+    logging.getLogger("dspy_greater").propagate = True
 
 
 def pytest_configure(config):

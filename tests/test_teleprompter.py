@@ -265,3 +265,30 @@ def test_other_starts(tiny_teleprompter, navigate, initial_instruction, program_
     result = tp.compile(program, trainset=train, valset=val).greater_results["predict"]
     assert result["initial_instruction"] == start
     assert result["program_instruction"] == (program_instruction or DSPY_GENERATED)
+
+
+def test_messages_reach_the_user_as_dspys_own_do(tiny_teleprompter, navigate, capsys):
+    train, val = navigate
+
+    def compile_and_read(**options):
+        tiny_teleprompter(target_candidates=0, **options).compile(dspy.ChainOfThought("question -> answer"),
+                                                                  trainset=train, valset=val)
+        return capsys.readouterr().err
+
+    capsys.readouterr()
+    shown = compile_and_read(progress=True)
+    assert "INFO dspy_greater.teleprompter: GReaTer [predict]: 'Use proper" in shown  # DSPy's format, on stderr
+    assert "INFO dspy_greater" not in compile_and_read(progress=False)
+    dspy.disable_logging()
+    try:
+        assert "dspy_greater" not in compile_and_read(progress=True)
+    finally:
+        dspy.enable_logging()
+
+
+def test_a_teacher_is_not_used_and_says_so(tiny_teleprompter, navigate, caplog):
+    train, val = navigate
+    with caplog.at_level("WARNING", logger="dspy_greater"):
+        tiny_teleprompter(target_candidates=0).compile(dspy.ChainOfThought("question -> answer"), trainset=train,
+                                                      valset=val, teacher=dspy.ChainOfThought("question -> answer"))
+    assert "teacher is not used" in caplog.text
