@@ -61,14 +61,12 @@ def parse_config(name: str) -> tuple[str, dict]:
 
 def step_summary(record: dict) -> dict:
     """What a step chose and why, from its trace record (finalists with their batch mistake rate and
-    answer loss; a confirmed finalist also with its teacher-forced screen's)."""
+    answer loss)."""
     keys = ("mistake_rate", "answer_loss", "fluency")
     return {
         "position": record["position"], "chosen": record["chosen"], "changed": record["changed"],
         "heldout_accuracy": record["heldout_accuracy"], "instruction": record["instruction"],
-        "finalists": [{"token": f["token"], **{k: round(f[k], 4) for k in keys},
-                       **({"screen": {k: round(f["screen"][k], 4) for k in keys}} if "screen" in f else {})}
-                      for f in record["finalists"]],
+        "finalists": [{"token": f["token"], **{k: round(f[k], 4) for k in keys}} for f in record["finalists"]],
     }
 
 

@@ -77,14 +77,7 @@ class GreaterConfig:
         reasoning_temperature: 0 is greedy (paper's research code); the authors' library samples at 0.2.
         finalist_scoring: ``"regenerate"`` regenerates the reasoning under every finalist before
             scoring it (paper); ``"teacher_forced"`` scores finalists on the current reasoning and
-            regenerates only for the winner, which the next step needs anyway; ``"confirm"``
-            screens the challengers teacher-forced, then regenerates the reasoning under the best
-            one only and lets it replace the current token only if it still ranks ahead on its own
-            reasoning (one generation per step instead of ``num_finalists``; needs ``keep_current``).
-            On SmolLM2-135M the screen predicts a token's effect on its own reasoning poorly, yet
-            over fourteen runs on five tasks the test-accuracy gains of ``"teacher_forced"`` and
-            ``"regenerate"`` were alike within the noise, and ``"confirm"`` gained nothing on three
-            tasks (benchmarks/README.md, section 3; HISTORY.md).
+            regenerates only for the winner, which the next step needs anyway.
         keep_current: Also score the current token and keep it if no finalist beats it. The paper
             always replaces it with the best finalist.
         current_competes: The current token is an ordinary candidate: it is a finalist when its
@@ -198,12 +191,9 @@ class GreaterConfig:
             raise ValueError("GreaterConfig.answer_temperature must be > 0 (the paper uses 0.2).")
         if self.reasoning_temperature < 0:
             raise ValueError("GreaterConfig.reasoning_temperature must be >= 0 (0 is greedy decoding).")
-        if self.finalist_scoring not in ("regenerate", "teacher_forced", "confirm"):
-            raise ValueError(f"GreaterConfig.finalist_scoring must be 'regenerate', 'teacher_forced' or 'confirm', "
+        if self.finalist_scoring not in ("regenerate", "teacher_forced"):
+            raise ValueError(f"GreaterConfig.finalist_scoring must be 'regenerate' or 'teacher_forced', "
                              f"got {self.finalist_scoring!r}.")
-        if self.finalist_scoring == "confirm" and not self.keep_current:
-            raise ValueError("GreaterConfig.finalist_scoring='confirm' checks the screened finalist against the "
-                             "current token, so it needs keep_current=True (or use 'regenerate' or 'teacher_forced').")
         if self.finalist_key not in ("score", "loss"):
             raise ValueError(f"GreaterConfig.finalist_key must be 'score' or 'loss', got {self.finalist_key!r}.")
         if self.growth_token is not None and (not isinstance(self.growth_token, str) or not self.growth_token):
@@ -712,14 +702,7 @@ class GreaterSearch:
         if len(finite) < len(scored):
             logger.warning("Step %d: skipping finalists with a non-finite score: %s", step,
                            [s["token"] for s in scored if s not in finite])
-        challengers = [s for s in finite if s["token_id"] != current]
-        if cfg.finalist_scoring == "confirm" and challengers:
-            best = min(challengers, key=self._finalist_rank)
-            self._confirm(best, instruction, position, batch, train, prefix)
-            kept = [s for s in finite if s["token_id"] == current]
-            winner = min([*kept, best], key=self._finalist_rank)  # the current token first: a tie keeps it
-        else:
-            winner = min(finite, key=self._finalist_rank)
+        winner = min(finite, key=self._finalist_rank)
         instruction = self._round_trip(_with_token(instruction, position, winner["token_id"]))
         seconds["select"] = time.perf_counter() - t0  # with any finalist's regenerated reasoning
         return dict(
@@ -741,17 +724,6 @@ class GreaterSearch:
         scored are the text the target gets."""
         again = self.layout.encode_instruction(self.layout.instruction_text(instruction))
         return again if again else instruction
-
-    def _confirm(self, scored: dict, instruction: list[int], position: int, batch: list[SearchExample],
-                 train: list[SearchExample], prefix: Prefix | None) -> None:
-        """Rescore a screened finalist on its own regenerated reasoning, in place (the screen's numbers
-        move to ``scored["screen"]``)."""
-        trial = _with_token(instruction, position, scored["token_id"])
-        own = self.reasoning(trial, batch, pool=train)  # the next step needs it if the finalist wins
-        scores = self.lm.score(self.sequences(trial, batch, own), answer_temperature=self.config.answer_temperature,
-                               prefix=prefix)
-        scored["screen"] = {k: scored[k] for k in ("mistake_rate", "answer_loss", "fluency", "score")}
-        scored.update(self._summarize_scores(scores))
 
     def _finalist_rank(self, scored: dict) -> tuple[float, float]:
         """Lower is better (see ``GreaterConfig.finalist_key``)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import logging
 import os
@@ -165,7 +166,8 @@ class GReaTerTeleprompter(Teleprompter):
             The target LM is the predictor's own (``program.set_lm(lm)``) when it has one, else
             ``dspy.settings.lm``; with neither, or without ``valset``, nothing is scored. 0 skips
             this and trusts the optimizer model's held-out score.
-        num_threads: Threads for ``dspy.Evaluate`` on the target LM.
+        num_threads: Threads for ``dspy.Evaluate`` on the target LM; ``None`` (default) uses
+            ``dspy.settings.num_threads`` (``dspy.configure(num_threads=...)``).
         layout: Where the instruction sits in the sequences the optimizer model sees. ``"greater"``:
             the paper's layout (inputs, instruction; reasoning, extractor, answer), which
             ``GReaTerAdapter`` replays on a target. ``"chat_adapter"``: exactly what DSPy's
@@ -182,6 +184,9 @@ class GReaTerTeleprompter(Teleprompter):
             llama-cpp-python's one-request-at-a-time server is no faster than PyTorch (see
             ``benchmarks/README.md``). ``None`` (default) generates in PyTorch.
         generation_model: The model name on that server (default: the first it lists).
+        on_step: Called after every search step with the predictor's name and the step's record as
+            plain data (position, candidates, finalists with their scores, chosen token, loss,
+            instruction, seconds, held-out accuracy when checked): a hook for monitoring.
         **config_overrides: Any :class:`GreaterConfig` field, e.g. ``num_steps=20``.
     """
 
@@ -200,10 +205,11 @@ class GReaTerTeleprompter(Teleprompter):
         trust_remote_code: bool = False,
         progress: bool = True,
         target_candidates: int = 4,
-        num_threads: int = 4,
+        num_threads: int | None = None,
         layout: str = "auto",
         generation_server=None,
         generation_model: str | None = None,
+        on_step: typing.Callable[[str, dict], None] | None = None,
         **config_overrides,
     ):
         super().__init__()
@@ -211,6 +217,9 @@ class GReaTerTeleprompter(Teleprompter):
             server_address(generation_server)  # a bad value fails here, not after the model has loaded
         self.generation_server = generation_server
         self.generation_model = generation_model
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable as on_step(predictor_name, record), got {type(on_step).__name__}.")
+        self.on_step = on_step
         if not isinstance(layout, str) or layout not in LAYOUTS:
             close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -333,6 +342,8 @@ class GReaTerTeleprompter(Teleprompter):
             bar.update(1)
             bar.set_postfix(loss=f"{record.loss:.3f}", pos=record.position)
             logger.info("step %d pos %d chose %r: %s", record.step, record.position, record.chosen, record.instruction)
+            if self.on_step is not None:
+                self.on_step(name, dataclasses.asdict(record))
 
         try:
             checkpoint = pathlib.Path(checkpoint_dir) / f"{_safe_name(name)}.json" if checkpoint_dir is not None else None
@@ -549,11 +560,15 @@ class GReaTerTeleprompter(Teleprompter):
             return run.passed
 
         logger.info("Running the program on %d examples on the target LM to collect traces.", len(examples))
-        evaluate = dspy.Evaluate(devset=list(examples), metric=passes, num_threads=self.num_threads,
+        evaluate = dspy.Evaluate(devset=list(examples), metric=passes, num_threads=self._threads(),
                                  display_progress=self.progress, provide_traceback=False, max_errors=len(examples) + 1)
         outcome = evaluate(traced)
         runs = [(example, run) for example, run, _ in outcome.results if isinstance(run, _Run)]
         return _Runs(runs)
+
+    def _threads(self) -> int:
+        """Threads for target-LM evaluation: ``num_threads``, else DSPy's configured number."""
+        return self.num_threads if self.num_threads is not None else dspy.settings.num_threads
 
     def _selects_on_target(self, valset, target_ready: bool) -> bool:
         """Whether the instructions are chosen on the target LM; says once why a given metric goes unused."""
@@ -621,7 +636,7 @@ class GReaTerTeleprompter(Teleprompter):
         history_before = len(getattr(lm, "history", []))
         metric_failures: list[Exception] = []  # dspy.Evaluate would score a raising metric 0 silently
         evaluate = dspy.Evaluate(devset=list(valset), metric=_recording_failures(self.metric, metric_failures),
-                                 num_threads=self.num_threads, display_progress=self.progress,
+                                 num_threads=self._threads(), display_progress=self.progress,
                                  provide_traceback=False, max_errors=len(valset) + 1)
         scores, errors, unparsed, target_down = {}, {}, {}, None
         for text in candidates:

@@ -245,3 +245,10 @@ def test_instruction_too_long_for_context(optimizer, monkeypatch):
     tp.use_loaded_model(*optimizer)
     with pytest.raises(ValueError, match="more than the optimizer model's context of 8192"):
         tp.compile(dspy.ChainOfThought("question -> answer"), trainset=[_example(), _example(answer="Yes")])
+
+
+def test_num_threads_follows_dspys_setting_unless_given():
+    assert GReaTerTeleprompter(metric=exact_match).num_threads is None
+    with dspy.context(num_threads=3):
+        assert GReaTerTeleprompter(metric=exact_match)._threads() == 3
+        assert GReaTerTeleprompter(metric=exact_match, num_threads=1)._threads() == 1

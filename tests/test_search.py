@@ -84,7 +84,7 @@ def test_intersect_subset_size_larger_than_number_of_sets():
         {"answer_temperature": 0.0},
         {"reasoning_temperature": -0.1},
         {"finalist_scoring": "x"},
-        {"finalist_scoring": "confirm", "keep_current": False},
+        {"finalist_scoring": "confirm"},
         {"allowed_tokens": "emoji"},
         {"finalist_key": "accuracy"},
         {"inputs_cache_mb": -1},
@@ -452,42 +452,6 @@ def test_regenerate_scoring_generates_reasoning_for_each_finalist(lm, layout, na
     expected = len(train) + len(heldout) + 2 * len(train) + (len(heldout) if record.changed else 0)
     assert len(search._reasoning) == expected
     assert final in {k[1] for k in search._reasoning}
-
-
-@pytest.mark.slow
-def test_confirm_scoring_regenerates_for_the_screened_finalist_only(lm, layout, navigate):
-    """confirm: the best challenger of the teacher-forced screen is scored again on its own
-    reasoning (the same numbers a direct scoring gives) and must beat the current token there."""
-    extractor, nav = navigate
-    train, heldout = nav[:3], nav[3:4]
-    search = _search(lm, layout, extractor, num_steps=3, batch_size=None, max_reasoning_tokens=6, num_finalists=2,
-                     finalist_scoring="confirm", eval_every=1, seed=0)
-    result = search.run("Think carefully", train, heldout)
-    ids = layout.encode("Think carefully")
-    for record in result.trace:
-        current = record.finalists[-1]["token_id"]  # keep_current scores the current token last
-        if record.position == len(ids):
-            ids = [*ids, current]  # growth: the most likely proposal held the new position
-        assert ids[record.position] == current
-        challengers = [f for f in record.finalists if f["token_id"] != current]
-        confirmed = [f for f in challengers if "screen" in f]
-        assert len(challengers) == 2 and len(confirmed) == 1
-        screen_rank = [(f.get("screen", f)["score"], f.get("screen", f)["answer_loss"]) for f in challengers]
-        assert challengers.index(confirmed[0]) == screen_rank.index(min(screen_rank))
-        trial = [*ids[: record.position], confirmed[0]["token_id"], *ids[record.position + 1 :]]
-        for other in challengers:
-            if other is not confirmed[0]:
-                unscreened = (*trial[: record.position], other["token_id"], *trial[record.position + 1 :])
-                assert not any((ex.inputs_text, unscreened) in search._reasoning for ex in train)
-        own = [search._reasoning[(ex.inputs_text, tuple(trial))] for ex in train]
-        direct = search._summarize_scores(search.lm.score(search.sequences(trial, train, own), answer_temperature=0.2))
-        for key in ("mistake_rate", "answer_loss", "fluency"):
-            assert confirmed[0][key] == pytest.approx(direct[key], rel=1e-4, abs=1e-5)
-        kept = next(f for f in record.finalists if f["token_id"] == current)
-        winner = min([kept, confirmed[0]], key=lambda f: (f["score"], f["answer_loss"]))
-        assert record.chosen == winner["token"] and record.changed == (winner is not kept)
-        ids = trial if record.changed else ids
-        assert record.instruction == layout.instruction_text(ids)
 
 
 @pytest.mark.slow

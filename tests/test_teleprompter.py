@@ -292,3 +292,14 @@ def test_a_teacher_is_not_used_and_says_so(tiny_teleprompter, navigate, caplog):
         tiny_teleprompter(target_candidates=0).compile(dspy.ChainOfThought("question -> answer"), trainset=train,
                                                       valset=val, teacher=dspy.ChainOfThought("question -> answer"))
     assert "teacher is not used" in caplog.text
+
+
+def test_on_step_sees_every_step_as_plain_data(tiny_teleprompter, navigate):
+    train, val = navigate
+    seen = []
+    tiny_teleprompter(target_candidates=0, num_steps=2, on_step=lambda name, record: seen.append((name, record))).compile(
+        dspy.ChainOfThought("question -> answer"), trainset=train, valset=val)
+    assert [(name, record["step"]) for name, record in seen] == [("predict", 0), ("predict", 1)]
+    json.dumps(seen)
+    with pytest.raises(TypeError, match="on_step must be callable"):
+        GReaTerTeleprompter(metric=exact_match, on_step="print")
