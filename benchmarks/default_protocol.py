@@ -1,0 +1,227 @@
+"""Choosing the default search: one configuration over the protocol's 15 runs, and their pooled gains.
+
+The protocol (benchmarks/README.md, section 6): the five transfer tasks x seeds 0-2; per seed 24
+train / 12 held-out / every remaining row as test; ``dspy.ChainOfThought("question -> answer")``
+with DSPy's generated instruction, compiled by ``GReaTerTeleprompter`` with the configuration;
+answers scored by the embedded SmolLM2-135M in GReaTer's layout (``optimizer_predictions``) at
+the default's 48 reasoning tokens.
+
+    python benchmarks/default_protocol.py run --config default          # resumable, one file a run
+    python benchmarks/default_protocol.py summary --configs default default+keep_current=false
+
+``run`` writes ``results/protocol/<config>/<task>_seed<k>.json`` (skipped when present) and caches
+the baselines' answers per task and row in ``results/protocol/baselines/<task>.json``: the
+program's own instruction, zero-shot CoT ("Let's think step by step.") and the reasoning start
+without search. A row's answer does not depend on the split, so each baseline is scored once per
+task. ``summary`` pools the runs: per configuration the share of runs whose returned instruction
+differs from the program's and from the search's start, the mean test gain over the unoptimized
+program in accuracy and balanced accuracy with 95% bootstrap intervals (rows resampled; runs and
+rows resampled), the same for the two baselines, and compile times; it writes
+``results/protocol/summary.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+from quality import config_spec, parse_config
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = pathlib.Path(__file__).resolve().parent
+OUT = HERE / "results" / "protocol"
+TASKS = ("movie_recommendation", "object_counting", "tracking_shuffled_objects_five_objects", "hyperbaton",
+         "causal_judgement")
+SEEDS = (0, 1, 2)
+SPLIT = (24, 12)
+ZERO_SHOT_COT = "Let's think step by step."
+
+
+def _rows(task: str) -> list:
+    """The task's rows, less any whose label lies outside the answer space its labels define (BBH's
+    movie_recommendation has one: a movie title where a letter belongs)."""
+    from dspy_greater.data import load_examples
+    from dspy_greater.extractor import derive_extractor
+
+    rows = load_examples(task)
+    extractor = derive_extractor("answer", None, [r.answer for r in rows], [r.question for r in rows])
+    return [r for r in rows if extractor.accepts(r.answer)]
+
+
+def _splits(task: str, seed: int):
+    from dspy_greater.data import split_examples
+
+    return split_examples(_rows(task), [*SPLIT, None], seed=seed)
+
+
+def _teleprompter(model, tokenizer, config):
+    from dspy_greater import GReaTerTeleprompter
+    from dspy_greater.metrics import exact_match
+
+    return GReaTerTeleprompter(metric=exact_match, config=config, progress=False).use_loaded_model(model, tokenizer)
+
+
+def _program(instruction: str | None = None):
+    import dspy
+
+    program = dspy.ChainOfThought("question -> answer")
+    if instruction is not None:
+        program.predict.signature = program.predict.signature.with_instructions(instruction)
+    return program
+
+
+def _baselines(task: str, scorer) -> dict:
+    """``{instruction: {question: answer}}`` for the three baselines on every row of ``task`` (cached)."""
+    from dspy_greater.start import reasoning_instruction
+
+    path = OUT / "baselines" / f"{task}.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    rows = _rows(task)
+    for instruction in (_program().predict.signature.instructions, ZERO_SHOT_COT, reasoning_instruction("answer")):
+        if instruction not in cached:
+            print(f"  scoring {instruction!r} on all {len(rows)} rows of {task} ...", flush=True)
+            predictions, _ = scorer.optimizer_predictions(_program(instruction), rows)
+            cached[instruction] = {row.question: p for row, p in zip(rows, predictions)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cached))
+    return cached
+
+
+def run(args) -> None:
+    import torch
+
+    from dspy_greater.loading import load_optimizer_model
+    from dspy_greater.search import GreaterConfig
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_optimizer_model()
+    scorer = _teleprompter(model, tokenizer, GreaterConfig())  # scores every instruction at 48 tokens
+    base, overrides = parse_config(args.config)
+    config = GreaterConfig.faithful(**overrides) if base == "faithful" else GreaterConfig(**overrides)
+    folder = OUT / args.config
+    folder.mkdir(parents=True, exist_ok=True)
+    for task in args.tasks:
+        baselines = _baselines(task, scorer)
+        for seed in args.seeds:
+            path = folder / f"{task}_seed{seed}.json"
+            if path.exists():
+                continue
+            train, val, test = _splits(task, seed)
+            print(f"== {args.config}: {task} seed {seed} ({len(train)}/{len(val)}/{len(test)}) ...", flush=True)
+            load_start = os.getloadavg()
+            started = time.perf_counter()
+            optimized = _teleprompter(model, tokenizer, GreaterConfig(**{**vars(config), "seed": seed})).compile(
+                _program(), trainset=train, valset=val)
+            seconds = time.perf_counter() - started
+            result = optimized.greater_results["predict"]
+            after, labels = scorer.optimizer_predictions(optimized, test)
+            report = {
+                "task": task, "seed": seed, "config": args.config, "settings": vars(config), "splits": [len(train),
+                len(val), len(test)], "compile_seconds": round(seconds, 1), "load_average": [load_start,
+                os.getloadavg()], "program_instruction": result["program_instruction"],
+                "start": result["initial_instruction"], "returned": optimized.predict.signature.instructions,
+                "heldout": {"start": result["initial_heldout"]["accuracy"], "best": result["best_heldout"]["accuracy"],
+                            "program": (result.get("program_heldout") or {}).get("accuracy")},
+                "labels": labels, "after": after,
+                "baselines": {name: [baselines[instruction][e.question] for e in test] for name, instruction in
+                              (("program", result["program_instruction"]), ("cot", ZERO_SHOT_COT),
+                               ("start", result["initial_instruction"])) if instruction in baselines},
+                "command": " ".join(["python", "benchmarks/default_protocol.py", *sys.argv[1:]]),
+            }
+            path.write_text(json.dumps(report, indent=1))
+            print(f"   {seconds / 60:.1f} min; returned {report['returned']!r}", flush=True)
+
+
+def _balanced(labels, predictions) -> float:
+    from dspy_greater.metrics import balanced_accuracy
+
+    return balanced_accuracy(labels, predictions)
+
+
+def _accuracy(labels, predictions) -> float:
+    from dspy_greater.metrics import accuracy
+
+    return accuracy(labels, predictions)
+
+
+def pooled_gain(runs: list[dict], system: str, measure, resamples: int = 1000, seed: int = 0) -> dict:
+    """Mean over runs of ``measure(system) - measure(program)``, with two bootstrap 95% intervals:
+    rows resampled within each run, and runs resampled as well."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def gain(run, rows=None):
+        labels, before = run["labels"], run["baselines"]["program"]
+        after = run["after"] if system == "after" else run["baselines"][system]
+        if rows is not None:
+            labels, before, after = ([x[i] for i in rows] for x in (labels, before, after))
+        return measure(labels, after) - measure(labels, before)
+
+    point = statistics.mean(gain(r) for r in runs)
+    by_rows, by_runs = [], []
+    for _ in range(resamples):
+        by_rows.append(statistics.mean(gain(r, rng.integers(0, len(r["labels"]), len(r["labels"]))) for r in runs))
+        drawn = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
+        by_runs.append(statistics.mean(gain(r, rng.integers(0, len(r["labels"]), len(r["labels"]))) for r in drawn))
+    interval = lambda xs: [float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))]  # noqa: E731
+    return {"gain": point, "rows_95": interval(by_rows), "runs_95": interval(by_runs)}
+
+
+def summary(args) -> None:
+    from dspy_greater.metrics import majority_rate
+
+    table = {}
+    for config in args.configs:
+        runs = [json.loads(p.read_text()) for p in sorted((OUT / config).glob("*_seed*.json"))]
+        if not runs:
+            print(f"{config}: no runs yet")
+            continue
+        times = [r["compile_seconds"] for r in runs]
+        table[config] = {
+            "runs": len(runs),
+            "differs_from_program": sum(r["returned"] != r["program_instruction"] for r in runs),
+            "differs_from_start": sum(r["returned"] != r["start"] for r in runs),
+            "compile_minutes": {"median": statistics.median(times) / 60, "max": max(times) / 60},
+            "majority_rate": statistics.mean(majority_rate(r["labels"]) for r in runs),
+            **{f"{system}_{name}": pooled_gain(runs, system, measure)
+               for system in ("after", "cot", "start")
+               for name, measure in (("accuracy", _accuracy), ("balanced", _balanced))},
+            "returned": {f"{r['task']} seed {r['seed']}": r["returned"] for r in runs},
+        }
+    path = OUT / "summary.json"
+    path.write_text(json.dumps(table, indent=1))
+    fmt = lambda g: f"{g['gain']:+.3f} [{g['runs_95'][0]:+.3f}, {g['runs_95'][1]:+.3f}]"  # noqa: E731
+    print("| configuration | runs | differs from program / start | balanced gain | accuracy gain | CoT balanced | "
+          "start balanced | compile min (median / max) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config, row in table.items():
+        print(f"| `{config}` | {row['runs']} | {row['differs_from_program']} / {row['differs_from_start']} | "
+              f"{fmt(row['after_balanced'])} | {fmt(row['after_accuracy'])} | {fmt(row['cot_balanced'])} | "
+              f"{fmt(row['start_balanced'])} | {row['compile_minutes']['median']:.1f} / "
+              f"{row['compile_minutes']['max']:.1f} |")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="compile and score one configuration's runs")
+    r.add_argument("--config", default="default", type=config_spec,
+                   help="a quality.py configuration name, e.g. default or default+keep_current=false")
+    r.add_argument("--tasks", nargs="+", default=list(TASKS))
+    r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    r.add_argument("--threads", type=int, default=2)
+    s = sub.add_parser("summary", help="pool the runs of some configurations")
+    s.add_argument("--configs", nargs="+", default=["default"])
+    args = p.parse_args()
+    run(args) if args.command == "run" else summary(args)
+
+
+if __name__ == "__main__":
+    main()
