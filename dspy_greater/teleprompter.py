@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 # This package's messages reach the user the way DSPy's own do (same stream, format and INFO level), and
 # dspy.disable_logging() silences them too.
 configure_dspy_loggers("dspy_greater")
-# Fewer held-out examples than this get a warning: on 12 the chosen instruction's held-out gain overstated its
-# test gain about tenfold (benchmarks/README.md, section 3).
+# Fewer held-out examples than this get a warning (benchmarks/README.md, section 2: on 12, the held-out gain
+# overstated the test gain about tenfold).
 RELIABLE_HELDOUT = 30
 
 
@@ -798,9 +798,8 @@ class GReaTerTeleprompter(Teleprompter):
         if len(heldout) < RELIABLE_HELDOUT:
             logger.warning(
                 "GReaTer [%s]: the instruction is chosen on %d held-out examples (%s); one example moves their accuracy "
-                "by %.3f, so the chosen instruction's held-out gain overstates its gain on new examples (measured: "
-                "where 12 held-out examples rose by +0.26 on average, 142-214 test examples rose by +0.02; "
-                "benchmarks/README.md, section 3). Pass a valset of %d or more examples for a more reliable choice.",
+                "by %.3f, so the chosen instruction's held-out gain overstates its gain on new examples. Pass a valset "
+                "of %d or more examples for a more reliable choice.",
                 task.name, len(heldout), "valset" if valset else "a quarter of trainset", 1 / len(heldout),
                 RELIABLE_HELDOUT)
         return train, heldout
