@@ -322,6 +322,7 @@ class GReaTerTeleprompter(Teleprompter):
         program = _with_instruction(student, name, chosen)
         program.greater_results = {name: results}
         _keep_extractors(program)
+        _attach_scores(program)
         return program
 
     def _optimize(self, program, task: PredictorTask, train, heldout, selection_valset, checkpoint_dir,
@@ -427,6 +428,7 @@ class GReaTerTeleprompter(Teleprompter):
             p.signature = p.signature.with_instructions(instructions[n])
         program.greater_results = results
         _keep_extractors(program)
+        _attach_scores(program)
         done = [n for n in names if not results[n].get("skipped")]
         logger.info("GReaTer: optimized %d of %d predictors (%s)%s.", len(done), len(names), ", ".join(done) or "none",
                     "" if len(done) == len(names) else
@@ -943,6 +945,34 @@ def _adapter_with(extractors: dict[str, Extractor]):
             adapter = copy.copy(adapter)
             adapter.extractors = {**missing, **adapter.extractors}
     return adapter
+
+
+def _attach_scores(program: dspy.Module) -> None:
+    """``score`` and ``candidate_programs`` where DSPy's optimizers put them, as plain data on one scale
+    (percent: target-LM scores from ``dspy.Evaluate``, else held-out accuracy on the optimizer model).
+
+    ``candidate_programs`` lists each scored instruction as ``{"predictor", "instruction", "score",
+    "scored_on"}``, best first; programs themselves are not attached (they would join the returned
+    program's parameters and its saved state).
+    """
+    candidates = []
+    for name, result in program.greater_results.items():
+        if result.get("skipped"):
+            continue
+        selection = result.get("target_selection") or {}
+        if selection.get("scores"):
+            scored = [(text, score, "target") for text, score in selection["scores"].items()]
+        else:
+            scored = [(t["instruction"], 100 * t["accuracy"], "held-out") for t in result["top_instructions"]]
+            if result.get("program_heldout"):
+                scored.append((result["program_instruction"], 100 * result["program_heldout"]["accuracy"], "held-out"))
+        candidates += [{"predictor": name, "instruction": text, "score": score, "scored_on": where}
+                       for text, score, where in scored]
+    candidates.sort(key=lambda c: -c["score"])
+    program.candidate_programs = candidates
+    chosen = {n: p.signature.instructions for n, p in program.named_predictors()}
+    mine = [c["score"] for c in candidates if chosen.get(c["predictor"]) == c["instruction"]]
+    program.score = mine[-1] if mine else None
 
 
 def _keep_extractors(program: dspy.Module) -> None:

@@ -249,7 +249,7 @@ def test_compile_runs_a_short_search_in_the_chat_adapter_layout(optimizer, caplo
     program = dspy.ChainOfThought("question -> answer")
     train = _navigate(3)
     tp = GReaTerTeleprompter(metric=exact_match, layout="chat_adapter", num_steps=2, batch_size=3,
-                             max_reasoning_tokens=8, num_finalists=1, eval_every=2, progress=False)
+                             max_reasoning_tokens=8, num_finalists=1, eval_every=2, progress=True)  # INFO shown
     tp.use_loaded_model(*optimizer)
     with caplog.at_level(logging.INFO, logger="dspy_greater"):
         optimized = tp.compile(program, trainset=train)

@@ -61,6 +61,17 @@ def test_results_are_plain_json_data(compiled):
     assert [name for name, _ in optimized.named_predictors()] == ["predict"]
 
 
+def test_score_and_candidates_sit_where_dspys_optimizers_put_them(compiled, tmp_path):
+    _, _, optimized = compiled
+    result = optimized.greater_results["predict"]
+    candidates = optimized.candidate_programs
+    assert candidates and all(set(c) == {"predictor", "instruction", "score", "scored_on"} for c in candidates)
+    assert [c["score"] for c in candidates] == sorted((c["score"] for c in candidates), reverse=True)
+    assert optimized.score == 100 * result["best_heldout"]["accuracy"]  # no target LM: held-out, in percent
+    json.dumps(candidates)
+    assert [name for name, _ in optimized.named_predictors()] == ["predict"]  # nothing leaks into parameters
+
+
 def test_the_inputs_store_budget_reaches_the_model_and_the_compile_uses_it(optimizer, teleprompter, compiled):
     assert teleprompter._lm.context_cache_bytes == 512 * 2**20
     assert teleprompter._lm._contexts  # the compile's steps stored their examples' inputs
