@@ -816,7 +816,8 @@ class GReaTerTeleprompter(Teleprompter):
             served = None
             if self.generation_server is not None:  # a server that is down fails now, not after the model loads
                 served = check_generation_server(self.generation_server, self.generation_model)
-            model, tokenizer = load_optimizer_model(self.model_spec)
+            with _weight_loading_bars(self.progress):
+                model, tokenizer = load_optimizer_model(self.model_spec)
             self._lm = OptimizerLM(model, tokenizer, batch_size=self.config.model_batch_size,
                                    context_cache_mb=self.config.inputs_cache_mb,
                                    generator=self._generator(tokenizer, served))
@@ -911,6 +912,21 @@ class GReaTerTeleprompter(Teleprompter):
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _weight_loading_bars(shown: bool):
+    """transformers' weight-loading progress bars: shown with ``progress=True`` only."""
+    from transformers.utils import logging as hf_logging
+
+    was_shown = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown and not shown:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

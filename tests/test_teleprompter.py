@@ -314,3 +314,12 @@ def test_on_step_sees_every_step_as_plain_data(tiny_teleprompter, navigate):
     json.dumps(seen)
     with pytest.raises(TypeError, match="on_step must be callable"):
         GReaTerTeleprompter(metric=exact_match, on_step="print")
+
+
+def test_progress_false_shows_no_weight_loading_bar(navigate, capsys):
+    train, _ = navigate
+    tp = GReaTerTeleprompter(metric=exact_match, progress=False)
+    capsys.readouterr()
+    tp._optimizer_lm()  # loads the embedded model (from its dequantized cache)
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
