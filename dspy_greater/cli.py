@@ -20,6 +20,13 @@ def _summary_rows(label: str, instruction: str, golds, preds) -> dict:
     return {"when": label, "instruction": instruction, **summarize(golds, preds)}
 
 
+def _print_instructions(initial: str, start: str, optimized: str) -> None:
+    print(f"\nInitial instruction:   {initial!r}")
+    if start != initial:
+        print(f"Search started from:   {start!r}")
+    print(f"Optimized instruction: {optimized!r}")
+
+
 def _print_table(rows: list[dict]) -> None:
     print()
     print(f"{'':8} {'accuracy':>9} {'majority':>9} {'balanced':>9}  predictions")
@@ -82,11 +89,8 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
             calls = len(dspy.settings.lm.history)
     elapsed = time.perf_counter() - started
 
-    start = optimized.greater_results["predict"]["initial_instruction"]
-    print(f"\nInitial instruction:   {before['instruction']!r}")
-    if start != before["instruction"]:
-        print(f"Search started from:   {start!r}")
-    print(f"Optimized instruction: {after['instruction']!r}")
+    _print_instructions(before["instruction"], optimized.greater_results["predict"]["initial_instruction"],
+                        after["instruction"])
     print(f"\nOptimizer model's answers on {len(test)} held-out test examples "
           "(balanced = mean recall per label; a model that always gives one label scores 1/#labels):")
     _print_table([before, after])
@@ -162,11 +166,8 @@ def run_optimize(args: argparse.Namespace) -> dict:
     name, predictor = optimized.named_predictors()[0]
     rows = [_summary_rows("before", signature.instructions, golds, before),
             _summary_rows("after", predictor.signature.instructions, golds, after)]
-    start = optimized.greater_results[name]["initial_instruction"]
-    print(f"\nInitial instruction:   {rows[0]['instruction']!r}")
-    if start != rows[0]["instruction"]:
-        print(f"Search started from:   {start!r}")
-    print(f"Optimized instruction: {rows[1]['instruction']!r}")
+    _print_instructions(rows[0]["instruction"], optimized.greater_results[name]["initial_instruction"],
+                        rows[1]["instruction"])
     print(f"\nThe optimizer model's answers on {len(test)} test rows:")
     _print_table(rows)
     if args.save:
