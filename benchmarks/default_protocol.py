@@ -137,18 +137,6 @@ def run(args) -> None:
             print(f"   {seconds / 60:.1f} min; returned {report['returned']!r}", flush=True)
 
 
-def _balanced(labels, predictions) -> float:
-    from dspy_greater.metrics import balanced_accuracy
-
-    return balanced_accuracy(labels, predictions)
-
-
-def _accuracy(labels, predictions) -> float:
-    from dspy_greater.metrics import accuracy
-
-    return accuracy(labels, predictions)
-
-
 def pooled_gain(runs: list[dict], system: str, measure, resamples: int = 1000, seed: int = 0) -> dict:
     """Mean over runs of ``measure(system) - measure(program)``, with two bootstrap 95% intervals:
     rows resampled within each run, and runs resampled as well."""
@@ -174,7 +162,7 @@ def pooled_gain(runs: list[dict], system: str, measure, resamples: int = 1000, s
 
 
 def summary(args) -> None:
-    from dspy_greater.metrics import majority_rate
+    from dspy_greater.metrics import accuracy, balanced_accuracy, majority_rate
 
     table = {}
     for config in args.configs:
@@ -191,7 +179,7 @@ def summary(args) -> None:
             "majority_rate": statistics.mean(majority_rate(r["labels"]) for r in runs),
             **{f"{system}_{name}": pooled_gain(runs, system, measure)
                for system in ("after", "cot", "start")
-               for name, measure in (("accuracy", _accuracy), ("balanced", _balanced))},
+               for name, measure in (("accuracy", accuracy), ("balanced", balanced_accuracy))},
             "returned": {f"{r['task']} seed {r['seed']}": r["returned"] for r in runs},
         }
     path = OUT / "summary.json"
