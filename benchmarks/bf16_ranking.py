@@ -17,11 +17,12 @@ import random
 import torch
 
 from dspy_greater.data import load_examples, split_examples
-from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import GreaterLayout
-from dspy_greater.loading import ModelSpec, load_optimizer_model
-from dspy_greater.model import OptimizerLM
-from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample
+from dspy_greater.engine.extractor import derive_extractor
+from dspy_greater.engine.layout import GreaterLayout
+from dspy_greater.models.loading import ModelSpec, load_optimizer_model
+from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.engine.config import GreaterConfig
+from dspy_greater.engine.search import GreaterSearch, SearchExample
 
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "bf16_ranking.json"
 DTYPES = ("float32", "bfloat16")

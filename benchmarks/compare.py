@@ -255,9 +255,10 @@ def run_task_seed(task: str, seed: int, args, target, proposer, counter: CallCou
     """Run (or skip, when its JSON is there) every method on one task and seed; ``bar`` advances per method."""
     import dspy
 
-    from dspy_greater.adapter import GReaTerAdapter, format_inputs
+    from dspy_greater.targets.adapter import GReaTerAdapter
+    from dspy_greater.engine.text import format_inputs
     from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.extractor import derive_extractor
+    from dspy_greater.engine.extractor import derive_extractor
 
     label = task_label(task)
     folder = OUT_DIR / label / f"seed{seed}"
@@ -676,7 +677,7 @@ def main() -> None:
     import dspy
     import torch
 
-    from dspy_greater.server import LlamaCppServer
+    from dspy_greater.targets.llama_cpp import LlamaCppServer
 
     torch.set_num_threads(args.threads)
     for name in ("dspy.clients.lm", "dspy.teleprompt", "dspy.evaluate", "optuna", "gepa", "LiteLLM", "httpx"):

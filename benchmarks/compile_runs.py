@@ -40,7 +40,7 @@ def setup(args: argparse.Namespace, script: str):
     import torch
 
     from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.loading import ModelSpec, load_optimizer_model
+    from dspy_greater.models.loading import ModelSpec, load_optimizer_model
 
     torch.set_num_threads(args.threads)
     train, val, test = split_examples(load_examples(args.task), [args.train, args.val, args.test], seed=args.seed)

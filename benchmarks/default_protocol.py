@@ -47,7 +47,7 @@ def _rows(task: str) -> list:
     """The task's rows, less any whose label lies outside the answer space its labels define (BBH's
     movie_recommendation has one: a movie title where a letter belongs)."""
     from dspy_greater.data import load_examples
-    from dspy_greater.extractor import derive_extractor
+    from dspy_greater.engine.extractor import derive_extractor
 
     rows = load_examples(task)
     extractor = derive_extractor("answer", None, [r.answer for r in rows], [r.question for r in rows])
@@ -56,7 +56,7 @@ def _rows(task: str) -> list:
 
 @functools.cache
 def _extractor(task: str):
-    from dspy_greater.extractor import derive_extractor
+    from dspy_greater.engine.extractor import derive_extractor
 
     rows = _rows(task)
     return derive_extractor("answer", None, [r.answer for r in rows], [r.question for r in rows])
@@ -109,8 +109,8 @@ def _baselines(task: str, scorer) -> dict:
 def run(args) -> None:
     import torch
 
-    from dspy_greater.loading import load_optimizer_model
-    from dspy_greater.search import GreaterConfig
+    from dspy_greater.models.loading import load_optimizer_model
+    from dspy_greater.engine.config import GreaterConfig
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_optimizer_model()

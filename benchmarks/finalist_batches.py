@@ -38,8 +38,9 @@ def main() -> None:
     parser.add_argument("--output", type=pathlib.Path)
     args = parser.parse_args()
 
-    from dspy_greater.model import OptimizerLM
-    from dspy_greater.search import GreaterConfig, GreaterSearch
+    from dspy_greater.engine.model import OptimizerLM
+    from dspy_greater.engine.config import GreaterConfig
+    from dspy_greater.engine.search import GreaterSearch
 
     load_before = speed.load_average()
     lm, layout, extractor, examples, _, _ = speed._setup(args, rows=8)

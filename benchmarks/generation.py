@@ -28,9 +28,9 @@ import time
 import torch
 
 from dspy_greater.data import load_examples, split_examples
-from dspy_greater.layout import GreaterLayout
-from dspy_greater.loading import ModelSpec, load_optimizer_model
-from dspy_greater.model import OptimizerLM
+from dspy_greater.engine.layout import GreaterLayout
+from dspy_greater.models.loading import ModelSpec, load_optimizer_model
+from dspy_greater.engine.model import OptimizerLM
 from speed import machine
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

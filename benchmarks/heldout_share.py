@@ -39,7 +39,7 @@ def main() -> None:
     from dspy_greater import GReaTerTeleprompter
     from dspy_greater.data import load_examples, split_examples
     from dspy_greater.metrics import exact_match, paired_difference, summarize
-    from dspy_greater.search import GreaterConfig
+    from dspy_greater.engine.config import GreaterConfig
 
     import dspy
 

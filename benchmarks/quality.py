@@ -43,7 +43,7 @@ def parse_config(name: str) -> tuple[str, dict]:
     base, *fields = name.split("+")
     if base not in CONFIGS:
         raise argparse.ArgumentTypeError(f"unknown configuration {base!r}; choose from {', '.join(CONFIGS)}")
-    from dspy_greater.search import GreaterConfig
+    from dspy_greater.engine.config import GreaterConfig
 
     overrides = {}
     for field in fields:
@@ -110,7 +110,7 @@ def main() -> None:
 
     from dspy_greater import GReaTerTeleprompter
     from dspy_greater.metrics import exact_match, paired_difference, summarize
-    from dspy_greater.search import GreaterConfig
+    from dspy_greater.engine.config import GreaterConfig
 
     train, val, test, model, tokenizer, report = setup(args, "benchmarks/quality.py")
     report["configs"] = {}

@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--output", type=pathlib.Path)
     args = parser.parse_args()
 
-    from dspy_greater.search import GreaterConfig, GreaterSearch, _with_token
+    from dspy_greater.engine.config import GreaterConfig
+    from dspy_greater.engine.search import GreaterSearch, _with_token
 
     load_before = speed.load_average()
     lm, layout, extractor, examples, heldout, indices = speed._setup(args)

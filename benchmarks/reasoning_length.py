@@ -25,8 +25,8 @@ def main() -> None:
     p.set_defaults(reasoning_tokens=128)  # the cap while measuring
     args = p.parse_args()
 
-    from dspy_greater.layout import GreaterLayout
-    from dspy_greater.model import OptimizerLM
+    from dspy_greater.engine.layout import GreaterLayout
+    from dspy_greater.engine.model import OptimizerLM
 
     train, _, _, model, tokenizer, report = setup(args, "benchmarks/reasoning_length.py")
     lm = OptimizerLM(model, tokenizer, batch_size=8)

@@ -51,7 +51,7 @@ def build_model(shape: str, dtype, device: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dspy_greater.loading import load_optimizer_model
+    from dspy_greater.models.loading import load_optimizer_model
 
     _, tokenizer = load_optimizer_model()
     hidden, inter, layers, heads, kv, tied = SHAPES[shape]
@@ -89,10 +89,11 @@ def measure(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from dspy_greater.data import load_examples
-    from dspy_greater.extractor import derive_extractor
-    from dspy_greater.layout import GreaterLayout
-    from dspy_greater.model import OptimizerLM
-    from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample
+    from dspy_greater.engine.extractor import derive_extractor
+    from dspy_greater.engine.layout import GreaterLayout
+    from dspy_greater.engine.model import OptimizerLM
+    from dspy_greater.engine.config import GreaterConfig
+    from dspy_greater.engine.search import GreaterSearch, SearchExample
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

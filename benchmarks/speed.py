@@ -81,11 +81,11 @@ def _setup(args, dtype: str = "auto", rows: int | None = None, outside: bool = F
     import torch
 
     from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.extractor import derive_extractor
-    from dspy_greater.layout import GreaterLayout
-    from dspy_greater.loading import ModelSpec, load_optimizer_model
-    from dspy_greater.model import OptimizerLM
-    from dspy_greater.search import SearchExample
+    from dspy_greater.engine.extractor import derive_extractor
+    from dspy_greater.engine.layout import GreaterLayout
+    from dspy_greater.models.loading import ModelSpec, load_optimizer_model
+    from dspy_greater.engine.model import OptimizerLM
+    from dspy_greater.engine.search import SearchExample
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_optimizer_model(ModelSpec(dtype=dtype))
@@ -102,7 +102,8 @@ def _setup(args, dtype: str = "auto", rows: int | None = None, outside: bool = F
 
 def common_scorer(lm, layout, extractor, reasoning_tokens: int):
     """The search whose ``evaluate`` is the common scorer: greedy reasoning, answer loss at temperature 1."""
-    from dspy_greater.search import GreaterConfig, GreaterSearch
+    from dspy_greater.engine.config import GreaterConfig
+    from dspy_greater.engine.search import GreaterSearch
 
     return GreaterSearch(lm, layout, extractor, GreaterConfig(max_reasoning_tokens=reasoning_tokens, answer_temperature=1.0))
 
@@ -114,7 +115,8 @@ def _initial_instruction(layout, tokens: int | None) -> str:
 
 
 def worker_ours(args) -> dict:
-    from dspy_greater.search import GreaterConfig, GreaterSearch
+    from dspy_greater.engine.config import GreaterConfig
+    from dspy_greater.engine.search import GreaterSearch
 
     system = args.system.removesuffix("-bf16")
     lm, layout, extractor, examples, heldout, indices = _setup(args, "auto" if system == args.system else "bfloat16")
@@ -122,8 +124,8 @@ def worker_ours(args) -> dict:
                   seed=args.seed)
     server = None
     if system == "ours-llamacpp-generation":
-        from dspy_greater.generation import CompletionServerGenerator
-        from dspy_greater.server import LlamaCppServer
+        from dspy_greater.targets.generation import CompletionServerGenerator
+        from dspy_greater.targets.llama_cpp import LlamaCppServer
 
         server = LlamaCppServer(n_threads=args.threads).start()  # stopped when this worker process exits
         lm.generator = CompletionServerGenerator(server, lm.tokenizer)
@@ -219,8 +221,8 @@ def run_system(args, system: str) -> dict:
     load_before = load_average()
     if system == "greaterprompt":
         from dspy_greater.data import load_examples
-        from dspy_greater.extractor import derive_extractor
-        from dspy_greater.loading import default_model_path
+        from dspy_greater.engine.extractor import derive_extractor
+        from dspy_greater.models.loading import default_model_path
 
         rows = load_examples(args.task)
         extractor = derive_extractor("answer", None, [e.answer for e in rows], [e.question for e in rows])

@@ -11,14 +11,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Extractor": "dspy_greater.extractor",
-    "derive_extractor": "dspy_greater.extractor",
-    "ModelSpec": "dspy_greater.loading",
-    "load_optimizer_model": "dspy_greater.loading",
-    "GreaterConfig": "dspy_greater.search",
-    "SearchResult": "dspy_greater.search",
+    "Extractor": "dspy_greater.engine.extractor",
+    "derive_extractor": "dspy_greater.engine.extractor",
+    "ModelSpec": "dspy_greater.models.loading",
+    "load_optimizer_model": "dspy_greater.models.loading",
+    "GreaterConfig": "dspy_greater.engine.config",
+    "SearchResult": "dspy_greater.engine.search",
     "GReaTerTeleprompter": "dspy_greater.teleprompter",
-    "GReaTerAdapter": "dspy_greater.adapter",
+    "GReaTerAdapter": "dspy_greater.targets.adapter",
 }
 __all__ = sorted(_EXPORTS)
 

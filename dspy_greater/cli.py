@@ -39,7 +39,7 @@ def _print_table(rows: list[dict]) -> None:
 def run_demo(args: argparse.Namespace) -> dict:
     """Optimize a ChainOfThought program's instruction on a BBH task and report before/after."""
     if args.target:
-        from dspy_greater.server import LlamaCppServer
+        from dspy_greater.targets.llama_cpp import LlamaCppServer
 
         with LlamaCppServer(None if args.target == "smollm2" else args.target) as server:
             kind = "plain-text completions: the GGUF has no chat template" if server.plain_text else "chat"
@@ -53,7 +53,7 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
 
     import dspy
 
-    from dspy_greater.adapter import GReaTerAdapter
+    from dspy_greater.targets.adapter import GReaTerAdapter
 
     from dspy_greater import GReaTerTeleprompter
     from dspy_greater.data import load_examples, split_examples
@@ -131,7 +131,7 @@ def run_optimize(args: argparse.Namespace) -> dict:
     from dspy_greater import GReaTerTeleprompter
     from dspy_greater.data import load_fields, split_examples
     from dspy_greater.metrics import exact_match
-    from dspy_greater.search import GreaterConfig
+    from dspy_greater.engine.config import GreaterConfig
 
     try:
         signature = dspy.Signature(args.signature)
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=run_demo)
     _add_optimize_subcommand(sub)
 
-    from dspy_greater.server import add_serve_subcommand
+    from dspy_greater.targets.llama_cpp import add_serve_subcommand
 
     add_serve_subcommand(sub)
     return parser

@@ -152,7 +152,7 @@ def evaluate_program(program: Any, examples: Sequence[Any], *, adapter: Any = No
     """Run ``program`` on ``examples`` on its own LM and :func:`summarize` its ``field`` answers.
 
     An answer the adapter cannot parse counts as wrong (``None``); ``"unparsed"`` counts them.
-    ``adapter`` (e.g. :class:`~dspy_greater.adapter.GReaTerAdapter`) applies for this call only.
+    ``adapter`` (e.g. :class:`~dspy_greater.targets.adapter.GReaTerAdapter`) applies for this call only.
     """
     import contextlib
 

@@ -1,7 +1,7 @@
 """DSPy side: ``GReaTerTeleprompter`` checks input (:mod:`validation`), runs the search per predictor, writes back.
 
 Knows nothing about torch internals: the optimizer model is loaded through :mod:`loading` and
-driven through :class:`~dspy_greater.search.GreaterSearch`.
+driven through :class:`~dspy_greater.engine.search.GreaterSearch`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.logging_utils import configure_dspy_loggers
 from tqdm.auto import tqdm
 
-from dspy_greater.adapter import REASONING_FIELDS, GReaTerAdapter, format_inputs, keep_extractor
+from dspy_greater.engine.text import REASONING_FIELDS, format_inputs
+from dspy_greater.targets.adapter import GReaTerAdapter, keep_extractor
 from dspy_greater.data import split_examples
-from dspy_greater.extractor import Extractor, derive_extractor
-from dspy_greater.generation import CompletionServerGenerator, check_generation_server, server_address
-from dspy_greater.layout import LAYOUTS, ChatAdapterLayout, GreaterLayout, make_layout
-from dspy_greater.loading import ModelSpec, load_optimizer_model, validate_model_spec
-from dspy_greater.model import OptimizerLM
-from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample, SearchResult, _eval_dict
+from dspy_greater.engine.extractor import Extractor, derive_extractor
+from dspy_greater.targets.generation import CompletionServerGenerator, check_generation_server, server_address
+from dspy_greater.chat_layout import LAYOUTS, ChatAdapterLayout, make_layout
+from dspy_greater.engine.layout import GreaterLayout
+from dspy_greater.models.loading import ModelSpec, load_optimizer_model, validate_model_spec
+from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.engine.config import GreaterConfig
+from dspy_greater.engine.search import GreaterSearch, SearchExample, SearchResult, _eval_dict
 from dspy_greater.start import PROGRAM_INSTRUCTION, is_generated_instruction, reasoning_instruction
 from dspy_greater.validation import (SCALAR_TYPES, build_config, check_examples, check_instruction, check_label_space,
                                      deduplicated, is_text_type, unsupported_reason)
@@ -179,7 +182,7 @@ class GReaTerTeleprompter(Teleprompter):
             another adapter or none -> ``"greater"``.
         generation_server: Generate the optimizer model's reasoning on an OpenAI-compatible
             completion server that serves the same weights (a URL such as
-            ``"http://127.0.0.1:8000/v1"`` or a :class:`~dspy_greater.server.LlamaCppServer`);
+            ``"http://127.0.0.1:8000/v1"`` or a :class:`~dspy_greater.targets.llama_cpp.LlamaCppServer`);
             the gradient and scoring stay in PyTorch. Worth it with vLLM on a GPU; on a CPU
             llama-cpp-python's one-request-at-a-time server is no faster than PyTorch (see
             ``benchmarks/README.md``). ``None`` (default) generates in PyTorch.

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import dspy
 from dspy.adapters.chat_adapter import field_header_pattern
 
-from dspy_greater.adapter import REASONING_FIELDS
-from dspy_greater.extractor import Extractor
-from dspy_greater.search import GreaterConfig, SearchExample
+from dspy_greater.engine.text import REASONING_FIELDS
+from dspy_greater.engine.extractor import Extractor
+from dspy_greater.engine.config import GreaterConfig
+from dspy_greater.engine.search import SearchExample
 
 if TYPE_CHECKING:
     from dspy_greater.teleprompter import PredictorTask

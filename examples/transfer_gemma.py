@@ -38,7 +38,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 
 from dspy_greater import GReaTerTeleprompter  # noqa: E402
-from dspy_greater.adapter import GReaTerAdapter  # noqa: E402
+from dspy_greater.targets.adapter import GReaTerAdapter  # noqa: E402
 from dspy_greater.data import load_examples, split_examples  # noqa: E402
 from dspy_greater.metrics import evaluate_program, exact_match, summarize  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> None:
             target = dspy.LM(args.target_model, temperature=0.0, max_tokens=limit, cache=args.cache, **client)
             target_name = args.target_model
         else:
-            from dspy_greater.server import LlamaCppServer
+            from dspy_greater.targets.llama_cpp import LlamaCppServer
 
             server = stack.enter_context(LlamaCppServer(None if args.target == "smollm2" else args.target, n_threads=1))
             # A PlainTextLM for a base model such as Gemma (no chat template), a chat dspy.LM otherwise.

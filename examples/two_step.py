@@ -35,10 +35,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 
 from dspy_greater import GReaTerTeleprompter  # noqa: E402
-from dspy_greater.adapter import GReaTerAdapter  # noqa: E402
+from dspy_greater.targets.adapter import GReaTerAdapter  # noqa: E402
 from dspy_greater.data import load_examples, split_examples  # noqa: E402
 from dspy_greater.metrics import evaluate_program, exact_match  # noqa: E402
-from dspy_greater.server import LlamaCppServer  # noqa: E402
+from dspy_greater.targets.llama_cpp import LlamaCppServer  # noqa: E402
 
 
 class PlanThenAnswer(dspy.Module):

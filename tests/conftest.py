@@ -6,10 +6,10 @@ import pytest
 
 import dspy_greater.teleprompter as tp_module
 from dspy_greater import GReaTerTeleprompter
-from dspy_greater.layout import GreaterLayout
-from dspy_greater.loading import load_optimizer_model
+from dspy_greater.engine.layout import GreaterLayout
+from dspy_greater.models.loading import load_optimizer_model
 from dspy_greater.metrics import exact_match
-from dspy_greater.model import OptimizerLM
+from dspy_greater.engine.model import OptimizerLM
 
 
 @pytest.fixture(autouse=True, scope="session")

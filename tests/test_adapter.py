@@ -15,9 +15,9 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from dspy_greater.adapter import GReaTerAdapter
+from dspy_greater.targets.adapter import GReaTerAdapter
 from dspy_greater.data import load_examples
-from dspy_greater.extractor import Extractor, derive_extractor
+from dspy_greater.engine.extractor import Extractor, derive_extractor
 
 INSTRUCTION = "Given the fields `question`, produce the fields `answer`."
 YES_NO = Extractor("choice", "\nTherefore, the final answer (Yes or No) is", ("Yes", "No"))
@@ -278,7 +278,7 @@ def test_chat_adapters_fail_on_the_tiny_models_recorded_outputs():
 # -- live: the real llama.cpp server ---------------------------------------------------------------------
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from dspy_greater.server import LlamaCppServer  # noqa: E402
+from dspy_greater.targets.llama_cpp import LlamaCppServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

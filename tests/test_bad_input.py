@@ -5,7 +5,7 @@ import pytest
 
 import dspy_greater.teleprompter as tp_module
 from dspy_greater import GReaTerTeleprompter
-from dspy_greater.loading import ModelNotFoundError
+from dspy_greater.models.loading import ModelNotFoundError
 from dspy_greater.metrics import exact_match
 
 

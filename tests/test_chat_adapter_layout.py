@@ -14,12 +14,14 @@ import dspy
 import pytest
 
 from dspy_greater import GReaTerTeleprompter
-from dspy_greater.adapter import GReaTerAdapter
+from dspy_greater.targets.adapter import GReaTerAdapter
 from dspy_greater.data import load_examples
-from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import ChatAdapterLayout, GreaterLayout, make_layout
+from dspy_greater.engine.extractor import derive_extractor
+from dspy_greater.chat_layout import ChatAdapterLayout, make_layout
+from dspy_greater.engine.layout import GreaterLayout
 from dspy_greater.metrics import exact_match
-from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample
+from dspy_greater.engine.config import GreaterConfig
+from dspy_greater.engine.search import GreaterSearch, SearchExample
 
 pytestmark = pytest.mark.slow
 

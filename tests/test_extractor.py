@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from dspy_greater.extractor import Extractor, derive_extractor
+from dspy_greater.engine.extractor import Extractor, derive_extractor
 
 BBH_DIR = pathlib.Path(__file__).resolve().parents[1] / "dspy_greater" / "data" / "bbh"
 

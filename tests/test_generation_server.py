@@ -5,9 +5,9 @@ import pytest
 
 from dspy_greater import GReaTerTeleprompter
 from dspy_greater.data import load_examples
-from dspy_greater.generation import CompletionServerGenerator, GenerationServerError
-from dspy_greater.model import OptimizerLM
-from dspy_greater.server import LlamaCppServer
+from dspy_greater.targets.generation import CompletionServerGenerator, GenerationServerError
+from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.targets.llama_cpp import LlamaCppServer
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from dspy_greater.data import load_examples
-from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import GreaterLayout
-from dspy_greater.model import OptimizerLM
-from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample
+from dspy_greater.engine.extractor import derive_extractor
+from dspy_greater.engine.layout import GreaterLayout
+from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.engine.config import GreaterConfig
+from dspy_greater.engine.search import GreaterSearch, SearchExample
 
 pytestmark = pytest.mark.gpu
 DEVICE = os.environ.get("DSPY_GREATER_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

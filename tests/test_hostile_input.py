@@ -33,13 +33,14 @@ import pytest
 from dspy.utils import DummyLM
 
 from dspy_greater import GReaTerTeleprompter
-from dspy_greater.adapter import GReaTerAdapter
-from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import GreaterLayout
-from dspy_greater.loading import ModelNotFoundError, ModelSpec, gemma3_270m_path, load_optimizer_model, validate_model_spec
+from dspy_greater.targets.adapter import GReaTerAdapter
+from dspy_greater.engine.extractor import derive_extractor
+from dspy_greater.engine.layout import GreaterLayout
+from dspy_greater.models.loading import ModelNotFoundError, ModelSpec, gemma3_270m_path, load_optimizer_model, validate_model_spec
 from dspy_greater.metrics import exact_match
-from dspy_greater.model import OptimizerLM, SequenceScore
-from dspy_greater.search import GreaterConfig, GreaterSearch, SearchExample
+from dspy_greater.engine.model import OptimizerLM, SequenceScore
+from dspy_greater.engine.config import GreaterConfig
+from dspy_greater.engine.search import GreaterSearch, SearchExample
 
 TINY = dict(num_steps=1, batch_size=3, max_reasoning_tokens=4, num_finalists=2, eval_every=1, progress=False,
             num_threads=1)

@@ -118,7 +118,7 @@ def test_get_params_is_plain_json(teleprompter):
 
 
 def test_get_params_names_callables_and_objects():
-    from dspy_greater.extractor import Extractor
+    from dspy_greater.engine.extractor import Extractor
 
     tp = GReaTerTeleprompter(metric=lambda example, prediction, trace=None: True,
                              extractor=Extractor("choice", "\nTherefore, the answer (Yes or No) is", ("Yes", "No")),

@@ -1,4 +1,4 @@
-"""Tests for dspy_greater.loading, on the real embedded model (CPU)."""
+"""Tests for dspy_greater.models.loading, on the real embedded model (CPU)."""
 
 import importlib.util
 import json
@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from dspy_greater import GReaTerTeleprompter, loading
-from dspy_greater.loading import (
+from dspy_greater import GReaTerTeleprompter
+from dspy_greater.models import loading
+from dspy_greater.models.loading import (
     LOAD_INFO_ATTR,
     ModelNotFoundError,
     ModelSpec,

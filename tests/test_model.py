@@ -1,4 +1,4 @@
-"""Tests for dspy_greater.model.OptimizerLM on the real embedded model (SmolLM2-135M, CPU).
+"""Tests for dspy_greater.engine.model.OptimizerLM on the real embedded model (SmolLM2-135M, CPU).
 
 Everything here is deterministic (greedy decoding, teacher-forced scoring, fixed reasoning text),
 and kept small: three navigate examples with a one-sentence reasoning, short prompts for the
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from dspy_greater.data import load_examples
-from dspy_greater.extractor import derive_extractor
-from dspy_greater.layout import GreaterLayout, Sequence
-from dspy_greater.loading import ModelSpec, gemma3_270m_path, load_optimizer_model
-from dspy_greater.model import OptimizerLM
+from dspy_greater.engine.extractor import derive_extractor
+from dspy_greater.engine.layout import GreaterLayout, Sequence
+from dspy_greater.models.loading import ModelSpec, gemma3_270m_path, load_optimizer_model
+from dspy_greater.engine.model import OptimizerLM
 
 pytestmark = pytest.mark.slow
 

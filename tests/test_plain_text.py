@@ -19,13 +19,13 @@ import torch
 from dspy.lm15 import Config, Message, Request, UnsupportedFeatureError
 
 from dspy_greater import GReaTerTeleprompter
-from dspy_greater.adapter import GReaTerAdapter
+from dspy_greater.targets.adapter import GReaTerAdapter
 from dspy_greater.data import load_examples, split_examples
-from dspy_greater.extractor import Extractor, derive_extractor
-from dspy_greater.layout import GreaterLayout
-from dspy_greater.loading import default_model_path, gemma3_270m_path
+from dspy_greater.engine.extractor import Extractor, derive_extractor
+from dspy_greater.engine.layout import GreaterLayout
+from dspy_greater.models.loading import default_model_path, gemma3_270m_path
 from dspy_greater.metrics import exact_match
-from dspy_greater.textlm import PlainTextLM, TextCompletionEngine, render_prompt, text_model
+from dspy_greater.targets.plain_text import PlainTextLM, TextCompletionEngine, render_prompt, text_model
 
 INSTRUCTION = "Given the fields `question`, produce the fields `answer`."
 YES_NO = Extractor("choice", "\nTherefore, the final answer (Yes or No) is", ("Yes", "No"))
@@ -143,7 +143,7 @@ def test_adapter_text_prompt_is_the_optimizers_plain_text_layout(optimizer):
 
 def test_gguf_chat_template_detection(tmp_path):
     gguf = pytest.importorskip("gguf")
-    from dspy_greater.server import LlamaCppServer, gguf_chat_template
+    from dspy_greater.targets.llama_cpp import LlamaCppServer, gguf_chat_template
 
     assert gguf_chat_template(gemma3_270m_path()) is None  # a base model
     smollm2 = default_model_path()
@@ -178,7 +178,7 @@ def test_gguf_chat_template_detection(tmp_path):
 # -- live: Gemma-3-270M served by llama.cpp ---------------------------------------------------------------
 
 pytest.importorskip("llama_cpp")
-from dspy_greater.server import LlamaCppServer  # noqa: E402
+from dspy_greater.targets.llama_cpp import LlamaCppServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for dspy_greater.search: unit tests of the pieces, then short real runs on CPU.
+"""Tests for dspy_greater.engine.search: unit tests of the pieces, then short real runs on CPU.
 
 The runs use the embedded SmolLM2-135M on the shortest navigate questions, with tiny settings
 (a few examples, 4-16 reasoning tokens, 1-3 finalists): they check the mechanics of the loop
@@ -16,15 +16,10 @@ import pytest
 import torch
 
 from dspy_greater.data import load_examples
-from dspy_greater.extractor import derive_extractor
-from dspy_greater.model import OptimizerLM
-from dspy_greater.search import (
-    GreaterConfig,
-    GreaterSearch,
-    SearchExample,
-    SearchResult,
-    intersect_candidates,
-)
+from dspy_greater.engine.extractor import derive_extractor
+from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.engine.config import GreaterConfig
+from dspy_greater.engine.search import GreaterSearch, SearchExample, SearchResult, intersect_candidates
 
 # ---------------------------------------------------------------------------------------------
 # 1. intersect_candidates (pure)
@@ -506,7 +501,7 @@ def test_out_of_memory_halves_the_model_batch_and_redoes_the_step(lm, layout, na
 
     monkeypatch.setattr(lm, "one_hot_gradient", gradient_needing_small_batches)
     before = lm.batch_size
-    with caplog.at_level("WARNING", logger="dspy_greater.search"):
+    with caplog.at_level("WARNING", logger="dspy_greater.engine.search"):
         result = search.run("Be brief.", nav[:4], nav[4:6])
     assert result.stopped_reason == "completed"
     assert seen_batch_sizes[:3] == [8, 4, 2] and set(seen_batch_sizes[3:]) == {2}
@@ -664,7 +659,7 @@ def test_interrupted_run_resumes_to_the_same_end(lm, layout, navigate, uninterru
         "Think step by step.", nav[:4], nav[4:6], progress=interrupt_after_second_step, checkpoint=path)
     assert first.stopped_reason == "interrupted" and len(first.trace) == 2
     saved = json.loads(path.read_text())
-    assert saved["next_step"] == 2 and saved["format"] == "dspy_greater.checkpoint/1"
+    assert saved["next_step"] == 2 and saved["format"] == "dspy_greater.engine.checkpoint/1"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave nothing behind
 
     resumed = _search(lm, layout, extractor, **_RESUME_SETTINGS).run(
@@ -686,7 +681,7 @@ def test_interrupted_run_resumes_to_the_same_end(lm, layout, navigate, uninterru
 
 @pytest.mark.slow
 def test_checkpoint_of_another_run_is_refused_before_any_work(lm, layout, navigate, tmp_path, monkeypatch):
-    from dspy_greater.checkpoint import CheckpointMismatchError
+    from dspy_greater.engine.checkpoint import CheckpointMismatchError
 
     extractor, nav = navigate
     path = tmp_path / "run.json"

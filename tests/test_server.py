@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from dspy_greater import server as server_module  # noqa: E402
-from dspy_greater.server import LlamaCppServer, TargetServerError, add_serve_subcommand  # noqa: E402
+from dspy_greater.targets import llama_cpp as server_module  # noqa: E402
+from dspy_greater.targets.llama_cpp import LlamaCppServer, TargetServerError, add_serve_subcommand  # noqa: E402
 
 
 def _gone(pid: int) -> bool:
@@ -203,7 +203,7 @@ def test_command_line_flags(tmp_path):
 
 _PARENT_SCRIPT = """
 import sys, threading, time
-from dspy_greater.server import LlamaCppServer
+from dspy_greater.targets.llama_cpp import LlamaCppServer
 main_server = LlamaCppServer(log_path=sys.argv[1] + '/main.log').start()
 holder = {}
 worker = threading.Thread(target=lambda: holder.setdefault("server", LlamaCppServer(log_path=sys.argv[1] + '/thread.log').start()))

@@ -189,7 +189,7 @@ class _RecordingLM(dspy.BaseLM):
     ("movie_recommendation", "question -> answer", "(B)"),  # the labels' options (A)-(E), not one question's (A)-(D)
 ])
 def test_a_saved_and_loaded_program_sends_the_same_prompts(tiny_teleprompter, tmp_path, task, signature, reply):
-    from dspy_greater.adapter import GReaTerAdapter, extractor_for_field
+    from dspy_greater.targets.adapter import GReaTerAdapter, extractor_for_field
 
     examples = load_examples(task)
     train, val, test = examples[:6], examples[6:8], examples[8:11]

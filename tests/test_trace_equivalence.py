@@ -84,7 +84,7 @@ def test_seeded_compiles_search_as_recorded(optimizer):
 
 
 if __name__ == "__main__" and "--record" in sys.argv:
-    from dspy_greater.loading import load_optimizer_model
+    from dspy_greater.models.loading import load_optimizer_model
 
     RECORDED.write_text(json.dumps(_compiles(*load_optimizer_model()), indent=1) + "\n")
     print(f"wrote {RECORDED}")

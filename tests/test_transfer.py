@@ -21,11 +21,11 @@ pytest.importorskip("llama_cpp")
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
 
 from dspy_greater import GReaTerTeleprompter  # noqa: E402
-from dspy_greater.adapter import GReaTerAdapter  # noqa: E402
+from dspy_greater.targets.adapter import GReaTerAdapter  # noqa: E402
 from dspy_greater.data import load_examples, split_examples  # noqa: E402
 from dspy_greater.metrics import exact_match  # noqa: E402
-from dspy_greater.search import GreaterSearch  # noqa: E402
-from dspy_greater.server import LlamaCppServer  # noqa: E402
+from dspy_greater.engine.search import GreaterSearch  # noqa: E402
+from dspy_greater.targets.llama_cpp import LlamaCppServer  # noqa: E402
 
 # keep_current=False makes every step replace its token, so the search yields instructions other
 # than the initial one and the selection has several candidates to compare (with the default the

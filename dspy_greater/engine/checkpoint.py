@@ -15,7 +15,7 @@ import pathlib
 import tempfile
 from typing import Any
 
-FORMAT = "dspy_greater.checkpoint/1"
+FORMAT = "dspy_greater.engine.checkpoint/1"
 
 
 class CheckpointMismatchError(ValueError):

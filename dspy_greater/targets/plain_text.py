@@ -5,7 +5,7 @@ with a fallback (llama-2) template the model never saw, and it rambles. ``dspy.L
 model_type="text")`` does not help either: DSPy 3.4 joins the message contents with blank lines
 and appends ``"BEGIN RESPONSE:"``. :class:`PlainTextLM` is a ``dspy.LM`` whose engine sends the
 prompt *verbatim* to an OpenAI-compatible ``/v1/completions`` endpoint through LiteLLM
-(``litellm.text_completion``), so that :class:`~dspy_greater.adapter.GReaTerAdapter` can send a
+(``litellm.text_completion``), so that :class:`~dspy_greater.targets.adapter.GReaTerAdapter` can send a
 target LM exactly the plain-text layout the optimizer scored::
 
     <inputs>\\n\\n<instruction>\\n\\nAnswer:<reasoning><extractor><answer>
@@ -206,7 +206,7 @@ class AsyncTextCompletionEngine(_TextCompletionConfig):
 class PlainTextLM(dspy.LM):
     """A ``dspy.LM`` for base models: each call is one verbatim prompt to ``/v1/completions``.
 
-    ``model_type`` is ``"text"``; :class:`~dspy_greater.adapter.GReaTerAdapter` sees it and sends
+    ``model_type`` is ``"text"``; :class:`~dspy_greater.targets.adapter.GReaTerAdapter` sees it and sends
     the optimizer's plain-text layout as the prompt. History, usage tracking, DSPy's cache and
     retries work as for any ``dspy.LM``.
 

@@ -83,7 +83,7 @@ class CompletionServerGenerator:
 
     Args:
         api_base: The server's OpenAI base URL, e.g. ``"http://127.0.0.1:8000/v1"``; a
-            :class:`~dspy_greater.server.LlamaCppServer` is accepted too (its URL and alias are used).
+            :class:`~dspy_greater.targets.llama_cpp.LlamaCppServer` is accepted too (its URL and alias are used).
         tokenizer: The optimizer model's tokenizer (decodes prompts, encodes replies).
         model: The model name the server expects; ``None`` takes the first one ``/models`` lists.
         api_key: Sent as a bearer token when given.

@@ -15,7 +15,7 @@ The loaded model is in eval mode with ``requires_grad`` off for every parameter:
 needs gradients with respect to its inputs (a one-hot over candidate embedding rows).
 
 Example:
-    >>> from dspy_greater.loading import ModelSpec, load_optimizer_model
+    >>> from dspy_greater.models.loading import ModelSpec, load_optimizer_model
     >>> model, tokenizer = load_optimizer_model()  # embedded default, float32 on CPU
     >>> model, tokenizer = load_optimizer_model(ModelSpec("Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16"))
 """

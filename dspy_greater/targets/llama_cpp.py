@@ -3,7 +3,7 @@
 :class:`LlamaCppServer` runs ``python -m llama_cpp.server`` (from ``llama-cpp-python[server]``)
 on a GGUF file, waits until it answers, and hands out ready-to-use ``dspy.LM`` objects for it::
 
-    from dspy_greater.server import LlamaCppServer
+    from dspy_greater.targets.llama_cpp import LlamaCppServer
 
     with LlamaCppServer() as server:            # embedded SmolLM2-135M-Instruct, a free port
         dspy.configure(lm=server.lm())           # dspy.LM("openai/<alias>", api_base=..., ...)
@@ -59,7 +59,7 @@ Findings that shaped this module (dspy 3.4.1, llama-cpp-python 0.3.36, measured 
 * **Base models.** A GGUF without ``tokenizer.chat_template`` (Gemma-3-270M) gets llama-cpp-python's
   fallback ``llama-2`` chat format on ``/v1/chat/completions``, which a base model never saw: it
   rambles. :meth:`LlamaCppServer.lm` reads the GGUF metadata and gives such models a
-  :class:`~dspy_greater.textlm.PlainTextLM` (plain ``/v1/completions``, prompt sent verbatim).
+  :class:`~dspy_greater.targets.plain_text.PlainTextLM` (plain ``/v1/completions``, prompt sent verbatim).
   llama.cpp adds the BOS token to a completion prompt when the GGUF asks for it
   (``tokenizer.ggml.add_bos_token``; Gemma does), as the optimizer's plain-text layout does.
 
@@ -261,7 +261,7 @@ def _check_server_installed() -> None:
 
 
 def _resolve_model_path(model_path: str | os.PathLike[str] | None) -> pathlib.Path:
-    from dspy_greater import loading
+    from dspy_greater.models import loading
 
     if model_path is None or (isinstance(model_path, str) and model_path.lower() == GEMMA3_270M_NAME):
         try:
@@ -681,13 +681,13 @@ class LlamaCppServer:
         """True when the model should get plain-text completions, not chat requests: the GGUF has no
         chat template and no ``chat_format`` was given, so llama.cpp would fall back to a llama-2
         chat format the model never saw. :meth:`lm` then builds a
-        :class:`~dspy_greater.textlm.PlainTextLM`."""
+        :class:`~dspy_greater.targets.plain_text.PlainTextLM`."""
         return self.chat_format is None and self.chat_template is None
 
     def lm_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """Keyword arguments of the LM that :meth:`lm` builds (``model`` included).
 
-        ``model_type="text"`` is among them when the LM is a :class:`~dspy_greater.textlm.PlainTextLM`
+        ``model_type="text"`` is among them when the LM is a :class:`~dspy_greater.targets.plain_text.PlainTextLM`
         (a base model; see :attr:`plain_text`); a ``model_type`` override picks the kind.
         """
         text = overrides.get("model_type", "text" if self.plain_text else "chat") == "text"
@@ -718,7 +718,7 @@ class LlamaCppServer:
         """A ``dspy.LM`` for this server, ready to use.
 
         A model with a chat template (or a given ``chat_format``) gets a chat ``dspy.LM``; a base
-        model without one (Gemma-3-270M) gets a :class:`~dspy_greater.textlm.PlainTextLM`, which
+        model without one (Gemma-3-270M) gets a :class:`~dspy_greater.targets.plain_text.PlainTextLM`, which
         sends each prompt verbatim to ``/v1/completions`` (see :attr:`plain_text`).
         ``model_type="text"`` or ``"chat"`` forces either.
 
@@ -733,7 +733,7 @@ class LlamaCppServer:
         options = self.lm_kwargs(**kwargs)
         model = options.pop("model")
         if options.get("model_type") == "text":
-            from dspy_greater.textlm import PlainTextLM
+            from dspy_greater.targets.plain_text import PlainTextLM
 
             options.pop("model_type")
             return PlainTextLM(model, **options)
@@ -741,7 +741,7 @@ class LlamaCppServer:
 
     def lm_code(self, **kwargs: Any) -> str:
         """A ready-to-paste Python expression building the same LM as :meth:`lm`
-        (``dspy.LM(...)``, or ``PlainTextLM(...)`` from ``dspy_greater.textlm`` for a base model)."""
+        (``dspy.LM(...)``, or ``PlainTextLM(...)`` from ``dspy_greater.targets.plain_text`` for a base model)."""
         options = self.lm_kwargs(**kwargs)
         model = options.pop("model")
         name = "dspy.LM"
@@ -813,7 +813,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("Use it from DSPy with:")
         code = server.lm_code()
         if code.startswith("PlainTextLM("):
-            print("    from dspy_greater.textlm import PlainTextLM  # the GGUF has no chat template: plain completions")
+            print("    from dspy_greater.targets.plain_text import PlainTextLM  # the GGUF has no chat template: plain completions")
         print(f"    {code}")
         print("Press Ctrl-C to stop.", flush=True)
         while server.is_running:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from dspy_greater.layout import Sequence
+from dspy_greater.engine.layout import Sequence
 
 _WORD_TOKEN = re.compile(r"[A-Za-z ]+")
 
@@ -156,7 +156,7 @@ class OptimizerLM:
         tokenizer: Its tokenizer; must have a pad token.
         batch_size: Sequences per forward pass or generation batch.
         generator: Generates instead of ``model.generate`` when set, e.g. a
-            :class:`~dspy_greater.generation.CompletionServerGenerator` serving the same weights;
+            :class:`~dspy_greater.targets.generation.CompletionServerGenerator` serving the same weights;
             called as ``generator(prompts, max_new_tokens=, temperature=, top_p=)``.
         context_cache_mb: Memory (on the model's device) for the inputs' key/value caches kept
             across :meth:`prefill` calls; least recently used entries go first. ``0`` turns it off.

@@ -9,7 +9,7 @@ reasoning, then a short answer.
 
 Chat LMs get chat messages: ``[user: inputs \n\n instruction]``, then for the answer
 ``[..., assistant: reasoning, user: extractor]``. Text-completion LMs (``lm.model_type == "text"``,
-e.g. :class:`~dspy_greater.textlm.PlainTextLM` for a base model without a chat template) get
+e.g. :class:`~dspy_greater.targets.plain_text.PlainTextLM` for a base model without a chat template) get
 ``lm(prompt=...)`` with the optimizer's plain-text layout, verbatim::
 
     reasoning call:  prompt = inputs + "\n\n" + instruction + "\n\nAnswer:"
@@ -32,12 +32,11 @@ import dspy
 from dspy.adapters.base import Adapter
 from dspy.utils.exceptions import AdapterParseError
 
-from dspy_greater.extractor import OPTION_LINE, Extractor, dash_options, derive_extractor
-from dspy_greater.formats import PLAIN_ANSWER_CUE, SEPARATOR
+from dspy_greater.engine.extractor import OPTION_LINE, Extractor, dash_options, derive_extractor
+from dspy_greater.engine.text import PLAIN_ANSWER_CUE, REASONING_FIELDS, SEPARATOR, format_inputs
 
 logger = logging.getLogger(__name__)
 
-REASONING_FIELDS = ("reasoning", "rationale")
 _DEFAULT_REASONING_TOKENS = 256
 _TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 _LEADING_PAREN_LETTER = re.compile(r"^[\s*_`\"']*\(\s*[A-Za-z]\s*\)")
@@ -65,14 +64,6 @@ def _dump_state_with_extractor(self, *args, **kwargs) -> dict:
     state = type(self).dump_state(self, *args, **kwargs)
     state[EXTRACTOR_STATE] = dict(getattr(self, EXTRACTOR_STATE))
     return state
-
-
-def format_inputs(names: typing.Sequence[str], values: dict[str, Any]) -> str:
-    """The inputs as one text: the value alone for one input field, else ``Name: value`` lines."""
-    names = list(names)
-    if len(names) == 1:
-        return str(values[names[0]])
-    return "\n".join(f"{name.replace('_', ' ').strip().capitalize()}: {values[name]}" for name in names)
 
 
 def answer_fields(signature: type[dspy.Signature]) -> list[str]:
@@ -355,7 +346,7 @@ def _warn_once(lm) -> None:
     if model not in _WARNED_MODELS:
         _WARNED_MODELS.add(model)
         logger.warning("%s is a text-completion LM that may change the prompt (dspy.LM(model_type='text') appends "
-                       "'BEGIN RESPONSE:'); use dspy_greater.textlm.PlainTextLM to send the optimizer's layout "
+                       "'BEGIN RESPONSE:'); use dspy_greater.targets.plain_text.PlainTextLM to send the optimizer's layout "
                        "verbatim.", model)
 
 

@@ -1,0 +1,1 @@
+"""Loading the optimizer model: Hugging Face hub ids, local folders and GGUF files."""
