@@ -64,7 +64,7 @@ def _forbid_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model load was started")
 
-    for name in ("_load_pretrained", "_load_gguf_dequantized", "_build_gguf_cache"):
+    for name in ("_load_pretrained", "load_dequantized", "build_dequantized_cache"):
         monkeypatch.setattr(loading, name, fail)
 
 
@@ -358,7 +358,7 @@ def test_conftest_optimizer_fixture(optimizer):
 
 @pytest.mark.slow
 def test_gemma3_270m_loads():
-    """Gemma-3-270M through the same GGUF path (default cache: ~1 min the first time only)."""
+    """Gemma-3-270M through the same GGUF path (dequantized into the default cache on first use)."""
     model, tokenizer = load_optimizer_model(ModelSpec(name_or_path=str(gemma3_270m_path())))
     assert type(model).__name__ == "Gemma3ForCausalLM"
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -367,3 +367,18 @@ def test_gemma3_270m_loads():
     logits = _logits(model, tokenizer)
     assert logits.shape[-1] >= 262_000
     assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The GGUF header reader
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gguf_header_of_the_embedded_default():
+    from dspy_greater.models.gguf import GGUF_MAGIC, gguf_chat_template, iter_string_metadata, read_magic
+
+    path = default_model_path()
+    assert read_magic(path) == GGUF_MAGIC
+    assert "im_start" in gguf_chat_template(path)
+    names = dict(iter_string_metadata(path, lambda key: key == "general.architecture"))
+    assert names == {"general.architecture": "llama"}

