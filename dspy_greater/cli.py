@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=run_demo)
     _add_optimize_subcommand(sub)
 
-    from dspy_greater.targets.llama_cpp import add_serve_subcommand
+    from dspy_greater.targets.serve import add_serve_subcommand
 
     add_serve_subcommand(sub)
     return parser

@@ -10,8 +10,8 @@ on a GGUF file, waits until it answers, and hands out ready-to-use ``dspy.LM`` o
         ...                                      # the server is stopped when the block ends
 
 ``LlamaCppServer("gemma3-270m")`` serves Gemma-3-270M (a base model: ``server.lm()`` is then a
-plain-text ``PlainTextLM``); any other ``.gguf`` path works too. The
-command line equivalent is ``dspy-greater serve [--model PATH|gemma3-270m] [--port N]``.
+plain-text ``PlainTextLM``, see :mod:`dspy_greater.targets.lm_factory`); any other ``.gguf`` path
+works too. The command line equivalent is ``dspy-greater serve`` (:mod:`dspy_greater.targets.serve`).
 
 Process hygiene. The server runs in its own session (process group). :meth:`LlamaCppServer.stop`
 sends SIGTERM to the group, waits, then SIGKILL. A started server is also stopped when the
@@ -21,47 +21,20 @@ follows the *thread* that forked), and a watchdog thread in the child exits as s
 process is gone. A started server keeps running when the ``LlamaCppServer`` object is dropped (an
 ``lm()`` may still use it), until :meth:`stop`, the end of its ``with`` block, or interpreter exit.
 
-Findings that shaped this module (dspy 3.4.1, llama-cpp-python 0.3.36, measured on this machine:
-2 shared CPU cores, Xeon with AMX, no GPU):
+How the child is started, and why:
 
-* **max_tokens vs max_completion_tokens.** ``dspy.LM("openai/...", api_base=...)`` with the default
-  ``engine="auto"`` goes through DSPy's native lm15 engine, whose OpenAI Chat preset sends the
-  limit as ``max_completion_tokens`` (seen on the wire). llama-cpp-python's server has no such
-  field: it silently ignores it and generates until end-of-sequence or the context is full (a
-  request with ``max_completion_tokens: 5`` returned 200+ tokens). The LiteLLM engine
-  (``engine="litellm"``) sends ``max_tokens``, which the server honours (``usage.completion_tokens``
-  never exceeds it; ``finish_reason`` is ``"length"``). :meth:`LlamaCppServer.lm` therefore builds
-  its ``dspy.LM`` with ``engine="litellm"``; pass ``engine=...`` to override.
-* **AMX crash.** The installed llama.cpp build (compiled natively on an AMX-capable Xeon) dies with
-  SIGILL (``tilezero`` inside ``ggml_backend_amx_mul_mat``) on the first batch of two or more
-  tokens, i.e. on every real prompt; single-token prompts work, which hides the fault. Turning off
-  llama.cpp's extra weight buffer types (``llama_model_params.use_extra_bufts = False``: no AMX and
-  no weight repacking) avoids it. llama-cpp-python does not expose that flag, so the child process
-  starts the server through a tiny bootstrap that sets it. ``extra_buffer_types=None`` (the default)
+* **AMX.** llama.cpp builds compiled natively on an AMX-capable CPU can die with SIGILL in their
+  AMX kernels on any prompt of two or more tokens. Turning off llama.cpp's extra weight buffer
+  types (``use_extra_bufts = False``: no AMX, no weight repacking) avoids it; llama-cpp-python does
+  not expose that flag, so a small bootstrap sets it in the child. ``extra_buffer_types=None``
   turns them off when ``/proc/cpuinfo`` reports AMX; ``True``/``False`` forces either way.
-* **Threads.** llama-cpp-python's server defaults to ``n_threads = cpu_count // 2`` for decoding
-  (1 here) and ``n_threads_batch = cpu_count`` for prompts. When the cores are shared with other
-  busy processes, two spinning OpenMP decode threads collapse (over 100 s for 64 tokens, against
-  1.3 s with one thread); the child therefore gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller's
-  environment sets it.
-* **Speed.** SmolLM2-135M Q4_1 decodes ~45-50 tokens/s with one thread here (another process busy
-  on the second core); a 300-token prompt plus 32 new tokens takes ~2 s.
-* **Environment leaks.** llama-cpp-python's settings are pydantic ``BaseSettings``: environment
-  variables named like any of its options (``PORT``, ``HOST``, ``MODEL``, ``API_KEY``, ``N_CTX``,
-  ...) override the command line. The bootstrap removes them from the child's environment so the
-  server runs exactly as configured here.
-* **Concurrent requests.** The server serializes requests (one model instance). Its default
-  ``interrupt_requests=True`` cuts a *streaming* response short whenever another request arrives,
-  which would truncate streams under ``dspy.Evaluate`` threads; it is started with
-  ``--interrupt_requests False``.
-* **Small models and DSPy's ChatAdapter.** SmolLM2-135M does not write the ``[[ ## field ## ]]``
-  markers; see ``adapter.py`` for an adapter that works with tiny targets.
-* **Base models.** A GGUF without ``tokenizer.chat_template`` (Gemma-3-270M) gets llama-cpp-python's
-  fallback ``llama-2`` chat format on ``/v1/chat/completions``, which a base model never saw: it
-  rambles. :meth:`LlamaCppServer.lm` reads the GGUF metadata and gives such models a
-  :class:`~dspy_greater.targets.plain_text.PlainTextLM` (plain ``/v1/completions``, prompt sent verbatim).
-  llama.cpp adds the BOS token to a completion prompt when the GGUF asks for it
-  (``tokenizer.ggml.add_bos_token``; Gemma does), as the optimizer's plain-text layout does.
+* **Threads.** Spinning OpenMP threads stall decoding when the cores are shared with other busy
+  processes, so the child gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller's environment sets it.
+* **Environment.** llama-cpp-python reads environment variables named like its options (``PORT``,
+  ``MODEL``, ``N_CTX``, ...) over the command line; the bootstrap removes them from the child.
+* **Concurrent requests.** The server handles one request at a time and by default cuts a
+  streaming response short when another request arrives; it is started with
+  ``--interrupt_requests False`` so that ``dspy.Evaluate`` threads do not truncate each other.
 
 Importing this module sets ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (unless already set) so LiteLLM
 never downloads its model cost map.
@@ -69,7 +42,6 @@ never downloads its model cost map.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import errno
@@ -89,15 +61,16 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from dspy_greater.models.gguf import GGUF_MAGIC, gguf_chat_template, read_magic
+from dspy_greater.targets import lm_factory
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM must not reach for the network
 
 __all__ = [
     "GEMMA3_270M_NAME",
     "LlamaCppServer",
     "TargetServerError",
-    "add_serve_subcommand",
     "gguf_chat_template",
-    "run_serve",
 ]
 
 #: The ``model_path`` value that selects the Gemma-3-270M package (see ``loading.gemma3_270m_path``).
@@ -110,9 +83,6 @@ _LOG_TAIL_LINES = 25
 _LOG_LINE_CHARS = 400
 _STOP_GRACE_SECONDS = 10.0
 _POLL_SECONDS = 0.2
-_DEFAULT_LM_MAX_TOKENS = 512
-_DEFAULT_LM_TIMEOUT = 300.0
-_DEFAULT_LM_RETRIES = 1
 # Environment variables read by the bootstrap (and removed before the server sees them).
 _ENV_NO_EXTRA_BUFTS = "DSPY_GREATER_LLAMA_NO_EXTRA_BUFTS"
 _ENV_PARENT_PID = "DSPY_GREATER_LLAMA_PARENT_PID"
@@ -278,85 +248,15 @@ def _resolve_model_path(model_path: str | os.PathLike[str] | None) -> pathlib.Pa
     if not path.is_file():
         raise TargetServerError(f"GGUF model path is not a file: {path.resolve()}. Pass the .gguf file itself.")
     try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
+        magic = read_magic(path)
     except OSError as error:
         raise TargetServerError(f"Cannot read the GGUF model file {path.resolve()}: {error}") from error
-    if magic != b"GGUF":
+    if magic != GGUF_MAGIC:
         raise TargetServerError(
             f"{path.resolve()} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). llama.cpp "
             "serves GGUF files only; convert the model with llama.cpp's convert_hf_to_gguf.py."
         )
     return path.resolve()
-
-
-# GGUF metadata value types (gguf spec): fixed sizes in bytes; 8 is a string, 9 an array.
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def gguf_chat_template(path: str | os.PathLike[str]) -> str | None:
-    """The chat template stored in a GGUF file's metadata (``tokenizer.chat_template``), or ``None``.
-
-    Reads the metadata header only and skips every other value (the tokenizer's vocabulary is
-    skipped, not decoded): about 0.1 s for Gemma-3-270M, where ``gguf.GGUFReader`` takes ~15 s.
-    Named templates (``tokenizer.chat_template.<name>``) count when there is no default one.
-
-    Raises:
-        ValueError: The file is not a GGUF file (v2 or v3) or its header is truncated.
-    """
-    import io
-    import struct
-
-    def read(handle, n: int) -> bytes:
-        data = handle.read(n)
-        if len(data) != n:
-            raise ValueError(f"{path}: truncated GGUF metadata")
-        return data
-
-    def u32(handle) -> int:
-        return struct.unpack("<I", read(handle, 4))[0]
-
-    def u64(handle) -> int:
-        return struct.unpack("<Q", read(handle, 8))[0]
-
-    def skip(handle, kind: int) -> None:
-        if kind == _GGUF_STRING:
-            handle.seek(u64(handle), io.SEEK_CUR)
-        elif kind == _GGUF_ARRAY:
-            item, count = u32(handle), u64(handle)
-            if item == _GGUF_STRING:
-                for _ in range(count):
-                    handle.seek(u64(handle), io.SEEK_CUR)
-            elif item in _GGUF_SIZES:
-                handle.seek(_GGUF_SIZES[item] * count, io.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    skip(handle, item)
-        elif kind in _GGUF_SIZES:
-            handle.seek(_GGUF_SIZES[kind], io.SEEK_CUR)
-        else:
-            raise ValueError(f"{path}: unknown GGUF value type {kind}")
-
-    named = None
-    with open(path, "rb", buffering=1 << 16) as handle:
-        if read(handle, 4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        version = u32(handle)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        u64(handle)  # tensor count
-        for _ in range(u64(handle)):
-            key = read(handle, u64(handle)).decode("utf-8", errors="replace")
-            kind = u32(handle)
-            if key.startswith("tokenizer.chat_template") and kind == _GGUF_STRING:
-                value = read(handle, u64(handle)).decode("utf-8", errors="replace")
-                if key == "tokenizer.chat_template":
-                    return value
-                named = named or value
-            else:
-                skip(handle, kind)
-    return named
 
 
 def _default_alias(path: pathlib.Path) -> str:
@@ -434,8 +334,8 @@ class LlamaCppServer:
         extra_args: More command-line arguments for ``llama_cpp.server``
             (for example ``("--n_batch", "256")``).
         extra_buffer_types: llama.cpp's extra weight buffer types (AMX kernels, weight repacking).
-            ``None`` (the default) turns them off on CPUs reporting AMX, where this build crashes
-            (see the module docstring); ``True`` keeps llama.cpp's default; ``False`` turns them off.
+            ``None`` (the default) turns them off on CPUs reporting AMX, where native builds can
+            crash (see the module docstring); ``True`` keeps llama.cpp's default; ``False`` turns them off.
 
     Raises:
         TargetServerError: The GGUF file is missing or is not a GGUF file (before anything starts).
@@ -538,41 +438,9 @@ class LlamaCppServer:
             if self._proc is not None:  # a previous run died: clean up before starting again
                 self.stop()
             _check_server_installed()
-            if self.requested_port is None:
-                self.port = _free_port(self.host)
-            else:
-                self.port = self.requested_port
-                _check_port_free(self.host, self.port)
-            if self._temp_log:
-                handle, name = tempfile.mkstemp(prefix="dspy-greater-llama-server-", suffix=".log")
-                os.close(handle)
-                self.log_path = pathlib.Path(name)
-            assert self.log_path is not None
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-
-            env = dict(os.environ)
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            env["PYTHONUNBUFFERED"] = "1"
-            env[_ENV_PARENT_PID] = str(os.getpid())
-            if not self.extra_buffer_types:
-                env[_ENV_NO_EXTRA_BUFTS] = "1"
-            # PR_SET_PDEATHSIG fires when the forking *thread* exits: only ask for it from the main
-            # thread. The child's watchdog covers the other case (parent process gone).
-            preexec = _pdeathsig_preexec(os.getpid()) if threading.current_thread() is threading.main_thread() else None
-            with open(self.log_path, "ab") as log:
-                try:
-                    proc = subprocess.Popen(
-                        self.command(),
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,
-                        preexec_fn=preexec,
-                        close_fds=True,
-                    )
-                except OSError as error:
-                    raise TargetServerError(f"Could not start {sys.executable} for llama_cpp.server: {error}") from error
+            self._choose_port()
+            self._prepare_log()
+            proc = self._spawn()
             self._proc = proc
             with _LIVE_LOCK:
                 _LIVE[id(proc)] = proc
@@ -583,6 +451,55 @@ class LlamaCppServer:
                 self._proc = None  # the log (named in the error) is kept
                 raise
             return self
+
+    def _choose_port(self) -> None:
+        """Set :attr:`port`: the requested one, checked to be free, or a free one."""
+        if self.requested_port is None:
+            self.port = _free_port(self.host)
+        else:
+            self.port = self.requested_port
+            _check_port_free(self.host, self.port)
+
+    def _prepare_log(self) -> None:
+        """Create the log file's folder, or a temporary log file when no ``log_path`` was given."""
+        if self._temp_log:
+            handle, name = tempfile.mkstemp(prefix="dspy-greater-llama-server-", suffix=".log")
+            os.close(handle)
+            self.log_path = pathlib.Path(name)
+        assert self.log_path is not None
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _child_env(self) -> dict[str, str]:
+        """The server's environment: the caller's, plus the bootstrap's settings."""
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env["PYTHONUNBUFFERED"] = "1"
+        env[_ENV_PARENT_PID] = str(os.getpid())
+        if not self.extra_buffer_types:
+            env[_ENV_NO_EXTRA_BUFTS] = "1"
+        return env
+
+    def _spawn(self) -> subprocess.Popen:
+        """Start the server process in its own session, its output appended to the log."""
+        assert self.log_path is not None
+        env = self._child_env()
+        # PR_SET_PDEATHSIG fires when the forking *thread* exits: only ask for it from the main
+        # thread. The child's watchdog covers the other case (parent process gone).
+        preexec = _pdeathsig_preexec(os.getpid()) if threading.current_thread() is threading.main_thread() else None
+        with open(self.log_path, "ab") as log:
+            try:
+                return subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                    close_fds=True,
+                )
+            except OSError as error:
+                raise TargetServerError(f"Could not start {sys.executable} for llama_cpp.server: {error}") from error
 
     def _wait_ready(self) -> None:
         proc = self._proc
@@ -640,6 +557,18 @@ class LlamaCppServer:
                 f"{_describe_exit(code)}. Last lines of its log ({self.log_path}):\n{_log_tail(self.log_path)}"
             )
 
+    @property
+    def exit_status(self) -> str | None:
+        """How the server process ended (``"exit code 1"``, ``"signal SIGKILL"``); ``None`` while it
+        runs or when there is no process."""
+        proc = self._proc
+        code = proc.poll() if proc is not None else None
+        return _describe_exit(code) if code is not None else None
+
+    def log_tail(self) -> str:
+        """The last lines of the server's log, indented, for error messages."""
+        return _log_tail(self.log_path)
+
     def stop(self) -> None:
         """Stop the server: SIGTERM to its process group, a grace period, then SIGKILL. Idempotent."""
         with self._lock:
@@ -690,29 +619,8 @@ class LlamaCppServer:
         ``model_type="text"`` is among them when the LM is a :class:`~dspy_greater.targets.plain_text.PlainTextLM`
         (a base model; see :attr:`plain_text`); a ``model_type`` override picks the kind.
         """
-        text = overrides.get("model_type", "text" if self.plain_text else "chat") == "text"
-        kwargs: dict[str, Any] = {
-            "model": f"openai/{self.alias}",
-            "api_base": self.api_base,
-            "api_key": "local",
-        }
-        if text:
-            kwargs["model_type"] = "text"  # PlainTextLM: /v1/completions through LiteLLM, max_tokens honoured
-        else:
-            # LiteLLM sends max_tokens, which llama.cpp honours; DSPy's native engine sends
-            # max_completion_tokens, which llama.cpp ignores (see the module docstring).
-            kwargs["engine"] = "litellm"
-        kwargs.update({
-            "temperature": 0.0,
-            "max_tokens": _DEFAULT_LM_MAX_TOKENS,
-            "cache": True,
-            # Connection errors are immediate (a dead server refuses connections), so one retry is
-            # enough; the timeout covers a hung server and requests queued behind others.
-            "num_retries": _DEFAULT_LM_RETRIES,
-            "timeout": _DEFAULT_LM_TIMEOUT,
-        })
-        kwargs.update(overrides)
-        return kwargs
+        plain_text = self.plain_text
+        return lm_factory.lm_kwargs(self.alias, self.api_base, plain_text, **overrides)
 
     def lm(self, **kwargs: Any):
         """A ``dspy.LM`` for this server, ready to use.
@@ -728,28 +636,12 @@ class LlamaCppServer:
         to the LM. The server must be started (its port is part of ``api_base``).
         """
         self.ensure_running()
-        import dspy
-
-        options = self.lm_kwargs(**kwargs)
-        model = options.pop("model")
-        if options.get("model_type") == "text":
-            from dspy_greater.targets.plain_text import PlainTextLM
-
-            options.pop("model_type")
-            return PlainTextLM(model, **options)
-        return dspy.LM(model, **options)
+        return lm_factory.build_lm(self.lm_kwargs(**kwargs))
 
     def lm_code(self, **kwargs: Any) -> str:
         """A ready-to-paste Python expression building the same LM as :meth:`lm`
         (``dspy.LM(...)``, or ``PlainTextLM(...)`` from ``dspy_greater.targets.plain_text`` for a base model)."""
-        options = self.lm_kwargs(**kwargs)
-        model = options.pop("model")
-        name = "dspy.LM"
-        if options.get("model_type") == "text":
-            options.pop("model_type")
-            name = "PlainTextLM"
-        args = ", ".join(f"{key}={value!r}" for key, value in options.items())
-        return f"{name}({model!r}, {args})"
+        return lm_factory.lm_code(self.lm_kwargs(**kwargs))
 
 
 def _describe_exit(code: int) -> str:
@@ -759,78 +651,3 @@ def _describe_exit(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
-
-
-# --------------------------------------------------------------------------------- CLI
-def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Add ``serve`` to an argparse subparsers object; the parser's ``func`` default is :func:`run_serve`."""
-    serve = subparsers.add_parser(
-        "serve",
-        help="run llama.cpp's OpenAI-compatible server on a GGUF file as a DSPy target LM (until Ctrl-C)",
-        description="Run llama.cpp's OpenAI-compatible server in the foreground and print the dspy.LM line "
-        "that reaches it. Stop it with Ctrl-C.",
-    )
-    serve.add_argument("--model", default=None,
-                       help=f"a .gguf file, or {GEMMA3_270M_NAME!r} (default: the embedded SmolLM2-135M-Instruct)")
-    serve.add_argument("--port", type=int, default=None, help="port to listen on (default: a free port)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default: 4096)")
-    serve.add_argument("--n-threads", type=int, default=None, help="decoding threads (default: llama.cpp's choice)")
-    serve.add_argument("--alias", default=None, help="model name the server answers to (default: from the file name)")
-    serve.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)")
-    serve.add_argument("--log-file", default=None, help="write the server's log here (default: a temporary file)")
-    serve.set_defaults(func=run_serve)
-    return serve
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """Run the server for ``args`` (from :func:`add_serve_subcommand`) until Ctrl-C or SIGTERM.
-
-    Returns 0 after Ctrl-C. Prints the error and raises ``SystemExit(1)`` when the server cannot start
-    or dies.
-    """
-    try:
-        server = LlamaCppServer(
-            args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, n_threads=args.n_threads,
-            alias=getattr(args, "alias", None), chat_format=getattr(args, "chat_format", None),
-            log_path=getattr(args, "log_file", None),
-        )
-        print(f"Starting llama.cpp server for {server.model_path} ...", flush=True)
-        server.start()
-    except TargetServerError as error:
-        print(f"dspy-greater serve: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        def _on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        print(f"Serving {server.alias!r} (pid {server.pid}) at {server.api_base}", flush=True)
-        print(f"Log: {server.log_path}")
-        print("Use it from DSPy with:")
-        code = server.lm_code()
-        if code.startswith("PlainTextLM("):
-            print("    from dspy_greater.targets.plain_text import PlainTextLM  # the GGUF has no chat template: plain completions")
-        print(f"    {code}")
-        print("Press Ctrl-C to stop.", flush=True)
-        while server.is_running:
-            time.sleep(0.5)
-        code = server._proc.poll() if server._proc is not None else None
-        print(
-            f"dspy-greater serve: error: the server exited ({_describe_exit(code or 0)}).\n"
-            f"Last lines of its log ({server.log_path}):\n{_log_tail(server.log_path)}",
-            file=sys.stderr,
-        )
-        server.stop()
-        raise SystemExit(1)
-    except KeyboardInterrupt:
-        print("\nStopping the server ...", flush=True)
-        server.stop()
-        return 0
-    finally:
-        server.stop()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
