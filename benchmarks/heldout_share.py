@@ -38,7 +38,8 @@ def main() -> None:
 
     from dspy_greater import GReaTerTeleprompter
     from dspy_greater.data import load_examples, split_examples
-    from dspy_greater.metrics import exact_match, paired_difference, summarize
+    from dspy_greater.metrics import exact_match, summarize
+    from paired import paired_difference
     from dspy_greater.engine.config import GreaterConfig
 
     import dspy

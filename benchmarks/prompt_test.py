@@ -48,7 +48,8 @@ def main() -> None:
     if args.prompt:
         prompts = {p: s for p, s in prompts.items() if p == INITIAL_INSTRUCTION or p in args.prompt}
 
-    from dspy_greater.metrics import paired_difference, summarize
+    from dspy_greater.metrics import summarize
+    from paired import paired_difference
 
     setting = argparse.Namespace(**{k: report[k] for k in ("task", "examples", "seed", "threads")})
     lm, layout, extractor, rows, _, indices = _setup(setting, outside=True)

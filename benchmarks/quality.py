@@ -109,7 +109,8 @@ def main() -> None:
     import dspy
 
     from dspy_greater import GReaTerTeleprompter
-    from dspy_greater.metrics import exact_match, paired_difference, summarize
+    from dspy_greater.metrics import exact_match, summarize
+    from paired import paired_difference
     from dspy_greater.engine.config import GreaterConfig
 
     train, val, test, model, tokenizer, report = setup(args, "benchmarks/quality.py")

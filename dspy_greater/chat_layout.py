@@ -7,6 +7,7 @@ It renders DSPy's own adapter, so it lives on the DSPy side; the engine sees it 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from typing import Any
 
@@ -16,6 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dspy_greater.engine.layout import SENTINEL, GreaterLayout, Sequence
 from dspy_greater.engine.text import REASONING_FIELDS, SEPARATOR
+
+logger = logging.getLogger(__name__)
 
 #: Layout names accepted by ``GReaTerTeleprompter(layout=...)`` (``"auto"`` picks one of the others).
 LAYOUTS = ("auto", "greater", "chat_adapter")
@@ -232,3 +235,36 @@ def _is_str_field(annotation: Any) -> bool:
     if annotation is str:
         return True
     return typing.get_origin(annotation) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(annotation))
+
+
+def choose_layout(option: str, tokenizer: PreTrainedTokenizerBase, signature: Any, output_field: str, *,
+                  extractor_given: bool = False) -> tuple[GreaterLayout, dict]:
+    """The layout to search one predictor in, from ``layout=`` and the adapter the program will run with.
+
+    ``"auto"``: ``dspy.settings.adapter`` decides. A ``ChatAdapter`` -> the chat_adapter layout
+    with that adapter (``JSONAdapter`` and ``XMLAdapter`` included: their own messages and replies;
+    an adapter whose replies cannot be modelled, such as ``JSONAdapter`` with a non-text answer,
+    gets a plain ``ChatAdapter``'s, the nearest ones); ``GReaTerAdapter``, another adapter, or
+    none -> the paper's layout (what ``GReaTerAdapter`` replays on small targets; set
+    ``layout="chat_adapter"`` for a program that will run with DSPy's default ``ChatAdapter``).
+
+    Returns:
+        ``(layout, {"name", "adapter", "reason"})``.
+    """
+    adapter = dspy.settings.adapter
+    configured = type(adapter).__name__ if adapter is not None else None
+    if option == "greater" or (option == "auto" and not isinstance(adapter, dspy.ChatAdapter)):
+        why = ("layout='greater'" if option == "greater" else
+               "auto: no adapter configured" if adapter is None else f"auto: the configured adapter is {configured}")
+        return GreaterLayout(tokenizer), {"name": "greater", "adapter": configured, "reason": why}
+    why = "layout='chat_adapter'" if option == "chat_adapter" else f"auto: the configured adapter is {configured}"
+    chat = adapter if isinstance(adapter, dspy.ChatAdapter) else None
+    try:
+        layout = make_layout("chat_adapter", tokenizer, signature=signature, output_field=output_field, adapter=chat)
+    except TypeError as error:  # e.g. JSONAdapter with a non-text answer: model ChatAdapter's replies instead
+        layout = make_layout("chat_adapter", tokenizer, signature=signature, output_field=output_field)
+        why += f" ({error} ChatAdapter's replies are modelled instead.)"
+    if extractor_given:
+        logger.warning("The chat_adapter layout scores the label right after ChatAdapter's answer marker %r; "
+                       "the extractor option is not used in it.", layout.extractor_text)
+    return layout, {"name": "chat_adapter", "adapter": type(layout.adapter).__name__, "reason": why}

@@ -103,7 +103,7 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
         if selection:
             print(f"Target-aware selection on {len(val)} held-out examples: {selection['scores']}")
     print(f"Total time {elapsed / 60:.1f} min.")
-    model = teleprompter._lm.model
+    model = teleprompter.optimizer_model
     report = {"task": args.task, "seed": args.seed, "steps": args.steps,
               "model": {"name": getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype).removeprefix("torch."),
                         "device": str(model.device)},
@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-key", default=None, help="column holding the answer (task files)")
     demo.add_argument("--model", default=None, help="optimizer model: hub id, folder or .gguf (default: embedded SmolLM2-135M)")
     demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                      help="optimizer model dtype (auto: float32 on CPU, bfloat16/float16 on CUDA); bfloat16 is "
-                           "faster on CPUs with AMX or AVX-512-BF16 (benchmarks/README.md)")
+                      help="optimizer model dtype (auto: float32 on CPU, bfloat16/float16 on CUDA); bfloat16 pays "
+                           "off on CPUs with AMX or AVX-512-BF16")
     demo.add_argument("--device", default=None, help="optimizer model device, e.g. cuda (default: cuda if available)")
     demo.add_argument("--train", type=int, default=24, help="training rows (default: 24)")
     demo.add_argument("--val", type=int, default=12, help="held-out rows the instruction is chosen on (default: 12)")

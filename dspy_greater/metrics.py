@@ -8,7 +8,6 @@ never equals anything.
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 from typing import Any, Sequence
@@ -19,7 +18,6 @@ __all__ = [
     "majority_rate",
     "balanced_accuracy",
     "summarize",
-    "paired_difference",
     "exact_match",
 ]
 
@@ -96,31 +94,6 @@ def summarize(golds: Sequence[Any], preds: Sequence[Any]) -> dict:
         "balanced_accuracy": balanced_accuracy(golds, preds),
         "majority_rate": majority_rate(golds),
         "pred_distribution": dict(Counter(preds).most_common()),
-    }
-
-
-def paired_difference(golds: Sequence[Any], preds_a: Sequence[Any], preds_b: Sequence[Any], *,
-                      resamples: int = 2000, seed: int = 0) -> dict:
-    """Accuracy of ``preds_a`` minus that of ``preds_b`` on the same examples, with a paired
-    bootstrap 95% interval (examples resampled with replacement, both systems on the same draw).
-
-    Returns ``{"difference", "low", "high", "a_only", "b_only"}``: the last two count the examples
-    only one of the two gets right (the rest agree and do not move the difference).
-    """
-    right_a = [_same(g, p) for g, p in _pairs(golds, preds_a)]
-    right_b = [_same(g, p) for g, p in _pairs(golds, preds_b)]
-    n = len(right_a)
-    if n == 0:
-        return {"difference": 0.0, "low": 0.0, "high": 0.0, "a_only": 0, "b_only": 0}
-    deltas = [int(a) - int(b) for a, b in zip(right_a, right_b)]
-    rng = random.Random(seed)
-    draws = sorted(sum(rng.choices(deltas, k=n)) / n for _ in range(resamples))
-    return {
-        "difference": sum(deltas) / n,
-        "low": draws[int(0.025 * (resamples - 1))],
-        "high": draws[int(0.975 * (resamples - 1))],
-        "a_only": deltas.count(1),
-        "b_only": deltas.count(-1),
     }
 
 

@@ -1,7 +1,10 @@
-"""DSPy side: ``GReaTerTeleprompter`` checks input (:mod:`validation`), runs the search per predictor, writes back.
+"""``GReaTerTeleprompter``: DSPy's optimizer interface around the GReaTer search engine.
 
-Knows nothing about torch internals: the optimizer model is loaded through :mod:`loading` and
-driven through :class:`~dspy_greater.engine.search.GreaterSearch`.
+One pipeline for programs of any size: plan every predictor (:mod:`planning`, before the model
+loads), then per predictor gather its examples (the trainset, or runs of the program), search its
+instruction on the optimizer model (:mod:`engine`), check it against the program's own, choose on
+the target LM (:mod:`selection`), and write the chosen instructions into a copy of the program
+with the results (:mod:`results`).
 """
 
 from __future__ import annotations
@@ -13,130 +16,52 @@ import difflib
 import logging
 import os
 import pathlib
-import random
-import threading
 import typing
-from dataclasses import dataclass, replace
 
 import dspy
-import numpy as np
-import torch
 from dspy.teleprompt import Teleprompter
-from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.logging_utils import configure_dspy_loggers
 from tqdm.auto import tqdm
 
-from dspy_greater.engine.text import REASONING_FIELDS, format_inputs
-from dspy_greater.targets.adapter import GReaTerAdapter, keep_extractor
-from dspy_greater.data import split_examples
-from dspy_greater.engine.extractor import Extractor, derive_extractor
-from dspy_greater.targets.generation import CompletionServerGenerator, check_generation_server, server_address
-from dspy_greater.chat_layout import LAYOUTS, ChatAdapterLayout, make_layout
-from dspy_greater.engine.layout import GreaterLayout
-from dspy_greater.models.loading import ModelSpec, load_optimizer_model, validate_model_spec
-from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.chat_layout import LAYOUTS, choose_layout
 from dspy_greater.engine.config import GreaterConfig
-from dspy_greater.engine.search import GreaterSearch, SearchExample, SearchResult, _eval_dict
+from dspy_greater.engine.extractor import Extractor
+from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.engine.search import GreaterSearch
+from dspy_greater.models.loading import ModelSpec, load_optimizer_model, validate_model_spec
+from dspy_greater.planning import (ContextTooLong, Plan, PredictorTask, check_context, deduplicated, plan_program,
+                                   predictor_task, split_heldout, why_not)
+from dspy_greater.program_runs import Runs, run_program
+from dspy_greater.results import PredictorResult, SkippedPredictor, attach, evaluation_dict
+from dspy_greater.selection import (TargetSetting, Warnings, program_with, select_on_target, selects_on_target,
+                                    target_lm)
 from dspy_greater.start import PROGRAM_INSTRUCTION, is_generated_instruction, reasoning_instruction
-from dspy_greater.validation import (SCALAR_TYPES, build_config, check_examples, check_instruction, check_label_space,
-                                     deduplicated, is_text_type, unsupported_reason)
+from dspy_greater.targets.adapter import GReaTerAdapter
+from dspy_greater.targets.generation import CompletionServerGenerator, check_generation_server, server_address
+from dspy_greater.validation import build_config, check_instruction
 
 logger = logging.getLogger(__name__)
 # This package's messages reach the user the way DSPy's own do (same stream, format and INFO level), and
 # dspy.disable_logging() silences them too.
 configure_dspy_loggers("dspy_greater")
-# Fewer held-out examples than this get a warning (benchmarks/README.md, section 2: on 12, the held-out gain
-# overstated the test gain about tenfold).
-RELIABLE_HELDOUT = 30
+_INTERRUPTED = "the compile was interrupted (Ctrl-C) before this predictor was done."
 
 
-@dataclass(frozen=True)
-class PredictorTask:
-    """One predictor's task as the search sees it (derived from its signature and the data)."""
+@dataclasses.dataclass
+class _Compile:
+    """What one compile call shares between its predictors."""
 
-    name: str
-    input_fields: tuple[str, ...]
-    output_field: str
-    instruction: str
-    extractor: Extractor
-    signature: typing.Any = None  # the predictor's signature (the chat_adapter layout formats it)
-
-    def inputs_text(self, example: dspy.Example) -> str:
-        """The example's inputs as one text, as :class:`GReaTerAdapter` formats them."""
-        return format_inputs(self.input_fields, example)
-
-    def search_inputs(self, example: dspy.Example, layout=None) -> str:
-        """The inputs text the search uses in ``layout``: ChatAdapter's user message in the chat_adapter layout."""
-        if isinstance(layout, ChatAdapterLayout):
-            return layout.inputs_text({f: example[f] for f in self.input_fields})
-        return self.inputs_text(example)
-
-    def search_example(self, example: dspy.Example, layout=None) -> SearchExample:
-        return SearchExample(self.search_inputs(example, layout), self.extractor.canonical(example[self.output_field]))
-
-
-class _ContextTooLong(ValueError):
-    """An example or the instruction does not fit the optimizer model's context."""
-
-
-@dataclass
-class _Plan:
-    """What one predictor of a multi-predictor program needs (found before any model work)."""
-
-    name: str
-    inputs: tuple[str, ...]
-    output: str
-    instruction: str
-    gold: bool = False  # its output field is a label of every trainset example
-    inputs_given: bool = False  # every trainset example holds all its inputs
-    extractor: Extractor | None = None  # derived from the gold labels
-    skip: str | None = None  # why it cannot be optimized at all
-
-
-class _Run:
-    """One run of the program on one example: its prediction, trace and whether it passed the metric."""
-
-    __slots__ = ("prediction", "trace", "calls", "error", "passed")
-
-    def __init__(self, prediction, trace, calls, error):
-        self.prediction, self.trace, self.calls, self.error, self.passed = prediction, trace, calls, error, False
-
-
-class _Runs:
-    """Runs of the program on a set of examples, turned into labelled examples for one predictor."""
-
-    def __init__(self, runs: list[tuple[dspy.Example, _Run]]):
-        self.runs = runs
-
-    def examples(self, plan: _Plan) -> list[dspy.Example]:
-        """Gold labels: the predictor's inputs in each run (its last call) with the example's label.
-        Otherwise: every call of the predictor in the runs that passed the metric (inputs -> its output)."""
-        found = []
-        for example, run in self.runs:
-            calls = [(inputs, outputs) for name, inputs, outputs in run.calls if name == plan.name]
-            if not calls:
-                continue
-            if plan.gold:
-                pairs = [(calls[-1][0], example[plan.output])]
-            elif run.passed:
-                pairs = [(inputs, getattr(outputs, "get", lambda _: None)(plan.output)) for inputs, outputs in calls]
-            else:
-                continue
-            for inputs, label in pairs:
-                if not isinstance(label, SCALAR_TYPES) or not str(label).strip():
-                    continue
-                if any(not isinstance(inputs.get(f), SCALAR_TYPES) for f in plan.inputs):
-                    continue
-                found.append(dspy.Example({f: inputs[f] for f in plan.inputs}, **{plan.output: label})
-                             .with_inputs(*plan.inputs))
-        return found
-
-    def summary(self, plan: _Plan) -> dict:
-        errors = [run.error for _, run in self.runs if run.error]
-        return {"runs": len(self.runs), "passed": sum(run.passed for _, run in self.runs),
-                "reached": sum(any(name == plan.name for name, _, _ in run.calls) for _, run in self.runs),
-                "errors": len(errors), "first_error": errors[0] if errors else None,
-                "examples": len(self.examples(plan))}
+    student: dspy.Module
+    trainset: list
+    valset: list | None
+    checkpoint_dir: str | os.PathLike | None
+    target_ready: bool
+    selecting: bool
+    single: bool
+    warnings: Warnings
+    instructions: dict[str, str]  # each predictor's current instruction
+    extractors: dict[str, Extractor]  # answer formats by output field, for a GReaTerAdapter on the target
+    runs: dict[tuple, dict[str, Runs]] = dataclasses.field(default_factory=dict)
 
 
 class GReaTerTeleprompter(Teleprompter):
@@ -183,9 +108,8 @@ class GReaTerTeleprompter(Teleprompter):
         generation_server: Generate the optimizer model's reasoning on an OpenAI-compatible
             completion server that serves the same weights (a URL such as
             ``"http://127.0.0.1:8000/v1"`` or a :class:`~dspy_greater.targets.llama_cpp.LlamaCppServer`);
-            the gradient and scoring stay in PyTorch. Worth it with vLLM on a GPU; on a CPU
-            llama-cpp-python's one-request-at-a-time server is no faster than PyTorch (see
-            ``benchmarks/README.md``). ``None`` (default) generates in PyTorch.
+            the gradient and scoring stay in PyTorch. Meant for vLLM on a GPU; a server that answers
+            one request at a time gains nothing over PyTorch. ``None`` (default) generates in PyTorch.
         generation_model: The model name on that server (default: the first it lists).
         on_step: Called after every search step with the predictor's name and the step's record as
             plain data (position, candidates, finalists with their scores, chosen token, loss,
@@ -257,7 +181,6 @@ class GReaTerTeleprompter(Teleprompter):
         self.target_candidates = target_candidates
         self.num_threads = num_threads
         self._lm: OptimizerLM | None = None
-        self._warned: set[str] = set()  # warnings given once per compile
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -314,385 +237,143 @@ class GReaTerTeleprompter(Teleprompter):
             # BetterTogether passes valset=[] when the trainset is too small to split.
             logger.warning("valset is empty; treating it as None (choosing on a held-out part of trainset).")
             valset = None
-        self._warned: set[str] = set()
-        if isinstance(student, dspy.Module) and len(student.named_predictors()) > 1:
-            return self._compile_several(student, trainset, valset, checkpoint_dir)
-        name, predictor, task = self._prepare(student, trainset, valset)
-        train, heldout = self._split(deduplicated(trainset, task), valset, task)
-        select = self._selects_on_target(valset, _target_lm(predictor)[0] is not None)
-        results, chosen = self._optimize(student, task, train, heldout, valset if select else None, checkpoint_dir,
-                                         [("trainset", list(trainset)), ("valset", list(valset or []))])
-        program = _with_instruction(student, name, chosen)
-        program.greater_results = {name: results}
-        _keep_extractors(program)
-        _attach_scores(program)
+        plans = plan_program(student, trainset, valset, extractor=self.extractor,
+                             initial_instruction=self.initial_instruction)  # every input check before any work
+        predictors = student.named_predictors()
+        warnings = Warnings()
+        target_ready = all(target_lm(p)[0] is not None for _, p in predictors)
+        run = _Compile(student, list(trainset), None if valset is None else list(valset), checkpoint_dir, target_ready,
+                       selects_on_target(self.metric, self.target_candidates, valset, target_ready, warnings), len(plans) == 1, warnings,
+                       {n: p.signature.instructions for n, p in predictors},
+                       {plan.output: plan.extractor for plan in plans if plan.extractor is not None})
+        results: dict[str, PredictorResult | SkippedPredictor] = {}
+        stopped = None  # after Ctrl-C, the remaining predictors are left as they are
+        for plan in plans:
+            reason = stopped or why_not(plan, target_ready, self.metric is not None)
+            if reason is None:
+                try:
+                    with dspy.context(adapter=_adapter_with(run.extractors)):
+                        outcome = self._optimize(run, plan)
+                except KeyboardInterrupt:
+                    if run.single:
+                        raise
+                    stopped = outcome = _INTERRUPTED
+                if isinstance(outcome, PredictorResult):
+                    results[plan.name] = outcome
+                    run.instructions[plan.name] = outcome.instruction
+                    if outcome.search.stopped_reason == "interrupted":
+                        stopped = "the compile was interrupted (Ctrl-C) while an earlier predictor was optimized."
+                    continue
+                reason = outcome
+            logger.warning("GReaTer: predictor %r skipped: %s", plan.name, reason)
+            results[plan.name] = SkippedPredictor(reason, run.instructions[plan.name])
+        program = program_with(student, run.instructions, share_lms=False)
+        attach(program, results)
+        if not run.single:
+            done = [n for n, r in results.items() if not r.skipped]
+            skipped = [n for n, r in results.items() if r.skipped]
+            logger.info("GReaTer: optimized %d of %d predictors (%s)%s.", len(done), len(results),
+                        ", ".join(done) or "none", "; skipped: " + ", ".join(skipped) if skipped else "")
         return program
 
-    def _optimize(self, program, task: PredictorTask, train, heldout, selection_valset, checkpoint_dir,
-                  named_sets) -> tuple[dict, str]:
-        """Search one predictor's instruction; with ``selection_valset``, choose among the best on the target LM.
+    def _optimize(self, run: _Compile, plan: Plan) -> PredictorResult | str:
+        """Search one predictor's instruction and choose the one to keep; a reason when it cannot be done."""
+        working = program_with(run.student, run.instructions)  # the others at their current instructions
+        examples = self._examples(run, plan, working)
+        if isinstance(examples, str):
+            return examples
+        train, heldout_given, program_runs = examples
+        task = plan.task(run.instructions[plan.name], [*train, *heldout_given])
+        run.extractors.setdefault(task.output_field, task.extractor)
+        train = deduplicated(train, task)
+        train, heldout = split_heldout(train, heldout_given or None, task.name, self.config.seed)
+        named_sets = ([("trainset", run.trainset), ("valset", run.valset or [])] if plan.from_trainset else
+                      [(f"{plan.name} train", train), (f"{plan.name} held-out", heldout)])
+        try:
+            search, layout_info, result, initial = self._search_instruction(task, train, heldout, named_sets,
+                                                                            run.checkpoint_dir)
+        except ContextTooLong as exc:
+            if run.single:
+                raise
+            return str(exc)
+        chosen, program_heldout = result.best_instruction, None
+        if initial != task.instruction and result.trace:  # the program's own text is the baseline to beat
+            own = search.evaluate(search.layout.encode_instruction(task.instruction),
+                                  [task.search_example(e, search.layout) for e in heldout or train])
+            program_heldout = evaluation_dict(own)
+            if own.key() > (result.best_heldout["accuracy"], -result.best_heldout["mean_loss"]):
+                chosen = task.instruction
+        selection = None
+        if result.stopped_reason == "interrupted":
+            logger.warning("Interrupted: returning the best instruction found so far, without target-LM selection.")
+        elif run.selecting:
+            setting = TargetSetting(self.metric, self.target_candidates, self._threads(), self.progress,
+                                    layout_info["name"])
+            selection = select_on_target(working, plan.name, task, result, run.valset, setting, run.warnings)
+            chosen = selection.chosen
+        logger.info("GReaTer [%s]: %r -> %r (held-out accuracy on the optimizer model %.3f -> %.3f)", plan.name,
+                    result.initial_instruction, result.best_instruction,
+                    result.initial_heldout["accuracy"], result.best_heldout["accuracy"])
+        extractor = {"field": task.output_field, "kind": task.extractor.kind,
+                     "text": search.extractor.text,  # the layout's own (ChatAdapter's answer marker)
+                     "choices": list(task.extractor.choices)}
+        return PredictorResult(result, chosen, task.instruction, extractor, layout_info,
+                               "gold" if plan.gold else "traces", {"train": len(train), "heldout": len(heldout)},
+                               program_heldout, selection, program_runs)
 
-        ``program`` is the program the candidates are scored in (for several predictors: the others
-        at their current instructions). Returns (the result as plain data, the chosen instruction).
-        """
-        name = task.name
-        self._seed()
-        search = self._search(task)
-        initial = self._start(task, search.layout.name)
-        self._check_context(search, initial, task, named_sets)
-        bar = tqdm(total=self.config.num_steps, desc=f"GReaTer [{name}]", disable=not self.progress)
+    def _examples(self, run: _Compile, plan: Plan, working) -> tuple[list, list, dict | None] | str:
+        """(train, held-out given, program-run counts) for ``plan``: the trainset and valset as given, or
+        what runs of the current program produce; a reason when they produce none."""
+        if plan.from_trainset:
+            return run.trainset, list(run.valset or []), None
+        key = tuple(sorted(run.instructions.items()))
+        if key not in run.runs:
+            run.runs[key] = {"trainset": self._run_program(working, run.trainset)}
+            if run.valset:
+                run.runs[key]["valset"] = self._run_program(working, run.valset)
+        runs = run.runs[key]
+        train = runs["trainset"].examples(plan)
+        if not train:
+            return runs["trainset"].why_empty(plan)
+        heldout = runs["valset"].examples(plan) if "valset" in runs else []
+        return train, heldout, {what: r.summary(plan) for what, r in runs.items()}
+
+    def _search_instruction(self, task: PredictorTask, train, heldout, named_sets, checkpoint_dir):
+        """Run the search for one predictor: (search, layout info, result, starting instruction)."""
+        search, layout_info = self._search(task)
+        initial = self._start(task, layout_info["name"])
+        check_context(search, initial, task, named_sets)
+        bar = tqdm(total=self.config.num_steps, desc=f"GReaTer [{task.name}]", disable=not self.progress)
 
         def on_step(record):
             bar.update(1)
             bar.set_postfix(loss=f"{record.loss:.3f}", pos=record.position)
             logger.info("step %d pos %d chose %r: %s", record.step, record.position, record.chosen, record.instruction)
             if self.on_step is not None:
-                self.on_step(name, dataclasses.asdict(record))
+                self.on_step(task.name, dataclasses.asdict(record))
 
+        checkpoint = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / f"{_safe_name(task.name)}.json"
         try:
-            checkpoint = pathlib.Path(checkpoint_dir) / f"{_safe_name(name)}.json" if checkpoint_dir is not None else None
             result = search.run(initial, [task.search_example(e, search.layout) for e in train],
                                 [task.search_example(e, search.layout) for e in heldout], progress=on_step,
                                 checkpoint=checkpoint)
         finally:
             bar.close()
-        results = _result_dict(result, task)
-        results["extractor"]["text"] = search.extractor.text  # the layout's own (ChatAdapter's answer marker)
-        results["layout"] = dict(getattr(search, "layout_info", None) or {"name": search.layout.name})
         answers = [p for entry in result.top_instructions for p in entry["predictions"]]
         if answers and all(p is None for p in answers):
             logger.warning(
                 "GReaTer [%s]: the optimizer model gave no answer that parses on any held-out example in the %s layout "
                 "(its replies do not follow that format), so the held-out check cannot tell the instructions apart. "
                 "Use a larger optimizer model (model=...), or layout='greater' with GReaTerAdapter on the target.",
-                name, results["layout"]["name"])
-        chosen = result.best_instruction
-        results["program_instruction"] = task.instruction
-        if initial != task.instruction and result.trace:  # the program's own text is the baseline to beat
-            own = search.evaluate(search.layout.encode_instruction(task.instruction),
-                                  [task.search_example(e, search.layout) for e in heldout or train])
-            results["program_heldout"] = _eval_dict(own)
-            if own.key() > (result.best_heldout["accuracy"], -result.best_heldout["mean_loss"]):
-                chosen = task.instruction
-        if result.stopped_reason == "interrupted":
-            logger.warning("Interrupted: returning the best instruction found so far, without target-LM selection.")
-        elif selection_valset:
-            results["target_selection"] = self._select_on_target(program, name, task, result, selection_valset,
-                                                                 results["layout"]["name"])
-            chosen = results["target_selection"]["chosen"]
-        logger.info("GReaTer [%s]: %r -> %r (held-out accuracy on the optimizer model %.3f -> %.3f)", name,
-                    result.initial_instruction, result.best_instruction,
-                    result.initial_heldout["accuracy"], result.best_heldout["accuracy"])
-        return results, chosen
+                task.name, layout_info["name"])
+        return search, layout_info, result, initial
 
-    # -- several predictors ------------------------------------------------------------------------------
-
-    def _compile_several(self, student, trainset, valset, checkpoint_dir) -> dspy.Module:
-        predictors = student.named_predictors()
-        names = [n for n, _ in predictors]
-        if self.initial_instruction not in (None, PROGRAM_INSTRUCTION):
-            raise ValueError(
-                f"initial_instruction sets one predictor's starting instruction, but this program has {len(names)} "
-                f"({', '.join(names)}). Set each predictor's instruction on the program instead "
-                "(predictor.signature = predictor.signature.with_instructions(text)) and leave initial_instruction unset."
-            )
-        check_examples(trainset, "trainset", (), [])
-        if valset is not None:
-            check_examples(valset, "valset", (), [])
-        plans = [self._plan(n, p, trainset, valset) for n, p in predictors]  # every input check before any work
-        target_ready = all(_target_lm(p)[0] is not None for _, p in predictors)
-        instructions = {n: p.signature.instructions for n, p in predictors}
-        extractors = {plan.output: plan.extractor for plan in plans if plan.extractor is not None}
-        runs_cache: dict[tuple, dict[str, _Runs]] = {}
-        results: dict[str, dict] = {}
-        stopped = None  # after Ctrl-C, the remaining predictors are left as they are
-        for plan in plans:
-            reason = stopped or plan.skip or self._why_not(plan, target_ready)
-            if reason is None:
-                try:
-                    with dspy.context(adapter=_adapter_with(extractors)):
-                        outcome = self._optimize_in_program(student, plan, instructions, trainset, valset, target_ready,
-                                                            checkpoint_dir, runs_cache)
-                except KeyboardInterrupt:
-                    stopped = outcome = "the compile was interrupted (Ctrl-C) before this predictor was done."
-                if isinstance(outcome, tuple):
-                    entry, chosen, task = outcome
-                    results[plan.name] = entry
-                    instructions[plan.name] = chosen
-                    extractors.setdefault(task.output_field, task.extractor)
-                    if entry.get("stopped_reason") == "interrupted":
-                        stopped = "the compile was interrupted (Ctrl-C) while an earlier predictor was optimized."
-                    continue
-                reason = outcome
-            logger.warning("GReaTer: predictor %r skipped: %s", plan.name, reason)
-            results[plan.name] = {"skipped": True, "reason": reason, "instruction": instructions[plan.name]}
-        program = student.deepcopy()
-        for n, p in program.named_predictors():
-            p.signature = p.signature.with_instructions(instructions[n])
-        program.greater_results = results
-        _keep_extractors(program)
-        _attach_scores(program)
-        done = [n for n in names if not results[n].get("skipped")]
-        logger.info("GReaTer: optimized %d of %d predictors (%s)%s.", len(done), len(names), ", ".join(done) or "none",
-                    "" if len(done) == len(names) else
-                    "; skipped: " + ", ".join(n for n in names if results[n].get("skipped")))
-        return program
-
-    def _plan(self, name, predictor, trainset, valset) -> _Plan:
-        """What one predictor of a multi-predictor program needs; raises on bad data, skips unsupported predictors."""
-        signature = predictor.signature
-        inputs = tuple(signature.input_fields)
-        outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
-        reason = unsupported_reason(signature)
-        if reason is None and not outputs:
-            reason = "its signature has no output field to optimize for."
-        if reason is not None:
-            return _Plan(name, inputs, outputs[0] if outputs else "", signature.instructions, skip=reason)
-        check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
-        output = outputs[0]
-        labelled = [output in e.labels() for e in trainset]
-        inputs_given = all(f in e.inputs() for e in trainset for f in inputs)
-        plan = _Plan(name, inputs, output, signature.instructions, gold=all(labelled), inputs_given=inputs_given)
-        if any(labelled) and not plan.gold:
-            missing = labelled.index(False)
-            raise ValueError(
-                f"trainset[{missing}] has no label {output!r}, but other examples have one. Predictor {name!r} is "
-                f"optimized for the gold {output!r} labels when every example has one, else for the outputs of "
-                "successful program runs; give every example the label or none."
-            )
-        if not plan.gold:
-            return plan
-        given = inputs if inputs_given else ()
-        check_examples(trainset, "trainset", given, outputs)
-        if valset is not None:
-            check_examples(valset, "valset", given, outputs)
-        desc = (signature.fields[output].json_schema_extra or {}).get("desc")
-        texts = [format_inputs([f for f in inputs if f in e], e) for e in trainset]
-        extractor = derive_extractor(output, desc, [e[output] for e in trainset], texts, override=self.extractor)
-        check_label_space(extractor, output, [("trainset", trainset), ("valset", valset)])
-        plan.extractor = extractor
-        return plan
-
-    def _why_not(self, plan: _Plan, target_ready: bool) -> str | None:
-        """Why ``plan``'s predictor cannot be optimized in this setting (``None``: it can)."""
-        if plan.gold and plan.inputs_given:
-            return None
-        no_target = ("no target LM is configured (dspy.configure(lm=...) or program.set_lm(...) for every "
-                     "predictor)")
-        if not plan.gold:
-            if not target_ready:
-                return (f"its output {plan.output!r} is not a label in trainset, so its labels must come from runs of "
-                        f"the program on the target LM that pass the metric, and {no_target}.")
-            if self.metric is None:
-                return (f"its output {plan.output!r} is not a label in trainset, so its labels must come from runs of "
-                        "the program that pass the metric, and no metric was given.")
-            return None
-        if not target_ready:
-            return (f"its inputs {', '.join(repr(f) for f in plan.inputs)} are not all in the trainset examples (they "
-                    f"come from earlier predictors), so the program must run on the target LM to produce them, and "
-                    f"{no_target}.")
-        return None
-
-    def _optimize_in_program(self, student, plan: _Plan, instructions, trainset, valset, target_ready, checkpoint_dir,
-                             runs_cache):
-        """Optimize one predictor of a multi-predictor program: (entry, chosen instruction, task), or a skip reason."""
-        working = _program_with(student, instructions)
-        entry_extra: dict = {"labels": "gold" if plan.gold else "traces"}
-        if plan.gold and plan.inputs_given:
-            train, heldout_given = list(trainset), list(valset or [])
-        else:
-            key = tuple(sorted(instructions.items()))
-            if key not in runs_cache:
-                runs_cache[key] = {"trainset": self._run_program(working, trainset)}
-                if valset:
-                    runs_cache[key]["valset"] = self._run_program(working, valset)
-            runs = runs_cache[key]
-            train = runs["trainset"].examples(plan)
-            heldout_given = runs["valset"].examples(plan) if "valset" in runs else []
-            entry_extra["program_runs"] = {what: r.summary(plan) for what, r in runs.items()}
-            if not train:
-                summary = runs["trainset"].summary(plan)
-                why = ("no run of the program passed the metric" if not plan.gold
-                       else "no run of the program reached this predictor")
-                detail = f"{summary['runs']} runs on trainset, {summary['passed']} passed the metric, " \
-                         f"{summary['reached']} reached this predictor, {summary['errors']} raised"
-                if summary["first_error"]:
-                    detail += f" (first error: {summary['first_error']})"
-                return f"{why}, so it has no labelled examples ({detail})."
-        extractor = plan.extractor
-        if extractor is None:  # labels from the runs: derive the answer format from them
-            signature = dict(student.named_predictors())[plan.name].signature
-            desc = (signature.fields[plan.output].json_schema_extra or {}).get("desc")
-            seen = [*train, *heldout_given]
-            extractor = derive_extractor(plan.output, desc, [e[plan.output] for e in seen],
-                                         [format_inputs(plan.inputs, e) for e in seen])
-        task = PredictorTask(plan.name, plan.inputs, plan.output, instructions[plan.name], extractor,
-                             dict(student.named_predictors())[plan.name].signature)
-        train = deduplicated(train, task)
-        train, heldout = self._split(train, heldout_given or None, task)
-        select = self._selects_on_target(valset, target_ready)
-        try:
-            entry, chosen = self._optimize(working, task, train, heldout, valset if select else None, checkpoint_dir,
-                                           [(f"{plan.name} train", train), (f"{plan.name} held-out", heldout)])
-        except _ContextTooLong as exc:
-            return str(exc)
-        entry.update(entry_extra, examples={"train": len(train), "heldout": len(heldout)})
-        return entry, chosen, task
-
-    def _run_program(self, program, examples) -> _Runs:
-        """Run ``program`` on ``examples`` on its target LM, recording each run's trace and whether it passed ``metric``."""
-        names = {id(p): n for n, p in program.named_predictors()}
-        metric = self.metric
-
-        def traced(**inputs):
-            with dspy.context(trace=[]):
-                try:
-                    prediction, error = program(**inputs), None
-                except Exception as exc:  # a failing run is data here, not a reason to stop
-                    prediction, error = None, f"{type(exc).__name__}: {exc}"
-                trace = list(dspy.settings.trace)
-            return _Run(prediction, trace, [(names.get(id(p)), dict(i), o) for p, i, o in trace], error)
-
-        def passes(example, run, trace=None):
-            if not isinstance(run, _Run) or run.prediction is None or metric is None:
-                return False
-            try:
-                score = metric(example, run.prediction, run.trace)
-                run.passed = bool(getattr(score, "score", score))  # a dspy.Prediction(score=..., feedback=...) too
-            except Exception as exc:
-                run.error = f"the metric raised {type(exc).__name__}: {exc}"
-                run.passed = False
-            return run.passed
-
-        logger.info("Running the program on %d examples on the target LM to collect traces.", len(examples))
-        evaluate = dspy.Evaluate(devset=list(examples), metric=passes, num_threads=self._threads(),
-                                 display_progress=self.progress, provide_traceback=False, max_errors=len(examples) + 1)
-        outcome = evaluate(traced)
-        runs = [(example, run) for example, run, _ in outcome.results if isinstance(run, _Run)]
-        return _Runs(runs)
+    def _run_program(self, program, examples) -> Runs:
+        return run_program(program, examples, self.metric, num_threads=self._threads(), progress=self.progress)
 
     def _threads(self) -> int:
         """Threads for target-LM evaluation: ``num_threads``, else DSPy's configured number."""
         return self.num_threads if self.num_threads is not None else dspy.settings.num_threads
-
-    def _selects_on_target(self, valset, target_ready: bool) -> bool:
-        """Whether the instructions are chosen on the target LM; says once why a given metric goes unused."""
-        if not self.target_candidates or self.metric is None:
-            return False
-        why = None
-        if not target_ready:
-            why = ("no target LM is configured; configure one with dspy.configure(lm=...) or program.set_lm(...) to "
-                   "choose among the best instructions with it")
-        elif not valset:
-            why = "no valset was given; pass valset=... to choose among the best instructions on the target LM with it"
-        if why is not None and "metric" not in self._warned:
-            self._warned.add("metric")
-            logger.warning("GReaTer: the metric is not used: %s. The instruction is chosen on the optimizer model's "
-                           "held-out accuracy instead.", why)
-        return why is None
-
-    def _warn_layout_mismatch(self, layout_name: str, adapter) -> None:
-        """Warn once when the target runs the program with an adapter other than the one the search modelled."""
-        runs_greater = isinstance(adapter, GReaTerAdapter)
-        if (layout_name == "greater") == runs_greater or "adapter" in self._warned:
-            return
-        self._warned.add("adapter")
-        running = type(adapter).__name__ if adapter is not None else "ChatAdapter (no adapter is configured)"
-        if layout_name == "greater":
-            logger.warning(
-                "GReaTer: the search optimized the instruction in GReaTer's layout, but the target LM runs the program "
-                "with %s, whose prompt and reply format differ (small targets often cannot reply in it, and every "
-                "candidate then scores 0). Either run the program with the layout it was optimized in: "
-                "dspy.configure(adapter=GReaTerAdapter()) before compile and GReaTerAdapter.from_program(optimized) "
-                "after; or optimize for ChatAdapter with layout='chat_adapter'.", running)
-        else:
-            logger.warning(
-                "GReaTer: the search optimized the instruction in ChatAdapter's layout, but the target LM runs the "
-                "program with GReaTerAdapter. Use layout='greater' (or 'auto') with GReaTerAdapter, or configure "
-                "ChatAdapter for the target.")
-
-    def _select_on_target(self, student, name: str, task: PredictorTask, result: SearchResult, valset,
-                          layout_name: str = "greater") -> dict:
-        """Score the best distinct instructions on ``valset`` on the target LM; never loses the search result.
-
-        An answer the adapter cannot parse counts as wrong; an LM failure (server down, timeout)
-        puts the candidate under ``errors`` instead of giving it a score.
-
-        The target LM is the predictor's own ``lm`` when set (``program.set_lm(...)``), else
-        ``dspy.settings.lm``; ``target_lm`` in the result says which (``"predictor.lm"`` or
-        ``"dspy.settings.lm"``) and ``target_model`` names its model. Every candidate runs on that
-        same LM object, so its history counts the calls.
-        """
-        ordered = [result.best_instruction, *(t["instruction"] for t in result.top_instructions), result.initial_instruction]
-        candidates = list(dict.fromkeys(ordered))[: self.target_candidates]
-        if task.instruction not in candidates:
-            candidates.append(task.instruction)  # the program's own instruction, the baseline, is always measured
-        predictor = dict(student.named_predictors())[name]
-        lm, source = _target_lm(predictor)
-        adapter = dspy.settings.adapter
-        if isinstance(adapter, GReaTerAdapter) and task.output_field not in adapter.extractors:
-            adapter = copy.copy(adapter)  # score in the search's own answer format
-            adapter.extractors = {**adapter.extractors, task.output_field: task.extractor}
-        self._warn_layout_mismatch(layout_name, adapter)
-        estimate = len(candidates) * len(valset) * _calls_per_prediction(adapter) * len(student.named_predictors())
-        model = str(getattr(lm, "model", type(lm).__name__))
-        logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): at most %d calls.",
-                    len(candidates), len(valset), model, source, estimate)
-        history_before = len(getattr(lm, "history", []))
-        metric_failures: list[Exception] = []  # dspy.Evaluate would score a raising metric 0 silently
-        evaluate = dspy.Evaluate(devset=list(valset), metric=_recording_failures(self.metric, metric_failures),
-                                 num_threads=self._threads(), display_progress=self.progress,
-                                 provide_traceback=False, max_errors=len(valset) + 1)
-        scores, errors, unparsed, target_down = {}, {}, {}, None
-        for text in candidates:
-            if target_down:
-                errors[text] = f"skipped: {target_down}"
-                continue
-            failures: list[Exception] = []
-            metric_failures.clear()
-            candidate = _with_instruction(student, name, text)
-            _share_lms(candidate, student)  # the deep copy copied the LMs: every candidate uses the same objects
-            run = _recording_failures(candidate, failures)
-            try:
-                with dspy.context(adapter=adapter):
-                    outcome = evaluate(run)
-            except Exception as exc:  # a failing target must not lose the search result
-                errors[text] = f"{type(exc).__name__}: {exc}"
-                continue
-            lm_failures = [e for e in failures if not isinstance(e, AdapterParseError)]
-            if lm_failures:
-                errors[text] = (f"{len(lm_failures)} of {len(valset)} examples failed on the target LM: "
-                                f"{type(lm_failures[0]).__name__}: {lm_failures[0]}")
-                logger.warning("Target-LM evaluation failed for %r: %s", text, errors[text])
-                if len(lm_failures) == len(valset):
-                    target_down = "the target LM failed on every example of the previous candidate"
-                continue
-            if metric_failures:
-                errors[text] = (f"the metric raised on {len(metric_failures)} of {len(valset)} examples: "
-                                f"{type(metric_failures[0]).__name__}: {metric_failures[0]}")
-                logger.warning("Target-LM selection: %s for %r; this candidate gets no score.", errors[text], text)
-                if len(metric_failures) == len(valset):
-                    target_down = "the metric raised on every example of the previous candidate"
-                continue
-            scores[text] = float(outcome.score)
-            if failures:
-                unparsed[text] = len(failures)
-        history = getattr(lm, "history", [])[history_before:]
-        tokens = sum(int((entry.get("usage") or {}).get("total_tokens") or 0) for entry in history)
-        if scores and not any(scores.values()) and len(unparsed) == len(scores) and "unparsed" not in self._warned:
-            self._warned.add("unparsed")
-            logger.warning("GReaTer: every instruction scored 0 on the target LM %s and its replies could not be parsed "
-                           "with %s, so the target cannot tell them apart. Run the target with an adapter it can "
-                           "follow (GReaTerAdapter for small models) or a stronger target LM.", model,
-                           type(adapter).__name__ if adapter is not None else "ChatAdapter")
-        chosen = max(scores, key=lambda t: (scores[t], -candidates.index(t))) if scores else result.best_instruction
-        baseline = scores.get(task.instruction)
-        logger.info("Target LM %s (%s): baseline %s, chosen %.1f (%d calls, %d tokens).", model, source,
-                    "n/a" if baseline is None else f"{baseline:.1f}", scores.get(chosen, float("nan")),
-                    len(history), tokens)
-        return {"candidates": candidates, "scores": scores, "errors": errors, "unparsed": unparsed,
-                "chosen": chosen, "baseline": baseline, "estimated_calls": estimate, "calls": len(history),
-                "tokens": tokens, "target_lm": source, "target_model": model}
 
     def optimizer_predictions(self, program: dspy.Module, examples: list,
                               predictor: str | None = None) -> tuple[list[str | None], list[str]]:
@@ -702,13 +383,18 @@ class GReaTerTeleprompter(Teleprompter):
         ``(predictions, gold labels)``, both canonical labels. For a program with several
         predictors, name one (``predictor="..."``); ``examples`` must carry its inputs and labels.
         """
-        _, predictor, task = self._prepare(program, examples, None, predictor)
-        search = self._search(task)
+        task = predictor_task(program, examples, predictor, self.extractor)
+        search, _ = self._search(task)
         evaluation = search.evaluate(
-            search.layout.encode_instruction(predictor.signature.instructions),
+            search.layout.encode_instruction(task.instruction),
             [task.search_example(e, search.layout) for e in examples],
         )
         return evaluation.predictions, evaluation.labels
+
+    @property
+    def optimizer_model(self):
+        """The loaded optimizer model (a ``transformers`` model), or ``None`` before the first compile."""
+        return None if self._lm is None else self._lm.model
 
     def use_loaded_model(self, model, tokenizer) -> GReaTerTeleprompter:
         """Use an already loaded Hugging Face causal LM and tokenizer as the optimizer model."""
@@ -738,82 +424,6 @@ class GReaTerTeleprompter(Teleprompter):
                   "generation_model": self.generation_model}
         return _plain(params)
 
-    # -- steps -----------------------------------------------------------------------------------------
-
-    def _prepare(self, program, trainset, valset, predictor_name: str | None = None):
-        """Validate everything that can be checked without the model; derive the predictor's task."""
-        if not isinstance(program, dspy.Module):
-            raise TypeError(f"student must be a dspy.Module (e.g. dspy.ChainOfThought('question -> answer')), "
-                            f"got {type(program).__name__}.")
-        predictors = program.named_predictors()
-        if not predictors:
-            raise ValueError(f"The program ({type(program).__name__}) has no predictors to optimize; give it a "
-                             "dspy.Predict or dspy.ChainOfThought.")
-        if predictor_name is not None:
-            if predictor_name not in dict(predictors):
-                raise ValueError(f"The program has no predictor {predictor_name!r}; its predictors: "
-                                 f"{', '.join(n for n, _ in predictors)}.")
-            name, predictor = predictor_name, dict(predictors)[predictor_name]
-        elif len(predictors) != 1:
-            raise ValueError(f"The program has {len(predictors)} predictors ({', '.join(n for n, _ in predictors)}); "
-                             "name the one to use with predictor=...")
-        else:
-            name, predictor = predictors[0]
-        signature = predictor.signature
-        if self.initial_instruction in (None, PROGRAM_INSTRUCTION):
-            check_instruction(signature.instructions, f"The instruction of predictor {name!r}")
-        inputs = tuple(signature.input_fields)
-        outputs = [k for k in signature.output_fields if k not in REASONING_FIELDS]
-        for field_name in [*inputs, *outputs]:
-            annotation = signature.fields[field_name].annotation
-            if not is_text_type(annotation):
-                raise TypeError(
-                    f"Field {field_name!r} has type {annotation!r}; GReaTer handles text fields only "
-                    "(str, int, float, bool or Literal). Convert the field to str or leave this predictor out."
-                )
-        if not outputs:
-            raise ValueError("The predictor's signature has no output field to optimize for.")
-        output = outputs[0]
-        examples = check_examples(trainset, "trainset", inputs, outputs)
-        if valset is not None:
-            check_examples(valset, "valset", inputs, outputs)
-        labels = [e[output] for e in examples]
-        field_info = signature.fields[output]
-        desc = (field_info.json_schema_extra or {}).get("desc")
-        task = PredictorTask(name, inputs, output, signature.instructions, None, signature)  # type: ignore[arg-type]
-        extractor = derive_extractor(output, desc, labels, [task.inputs_text(e) for e in examples],
-                                     override=self.extractor)
-        task = replace(task, extractor=extractor)
-        check_label_space(extractor, output, [("trainset", examples), ("valset", valset)])
-        return name, predictor, task
-
-    def _split(self, trainset, valset, task):
-        """(train, held-out): ``valset`` as given, else a seeded quarter of ``trainset`` (all of it
-        below 8 examples); warns when the held-out examples are too few to choose on reliably."""
-        if valset:
-            train, heldout = list(trainset), list(valset)
-        elif len(trainset) < 8:
-            train = heldout = list(trainset)
-            logger.warning("GReaTer [%s]: only %d training examples and no valset, so the instruction is chosen on the "
-                           "training examples themselves. Pass 8 or more (a quarter is then held out) or a valset.",
-                           task.name, len(train))
-            return train, heldout
-        else:
-            heldout, train = split_examples(trainset, [max(2, len(trainset) // 4), None], self.config.seed)
-        if len(heldout) < RELIABLE_HELDOUT:
-            logger.warning(
-                "GReaTer [%s]: the instruction is chosen on %d held-out examples (%s); one example moves their accuracy "
-                "by %.3f, so the chosen instruction's held-out gain overstates its gain on new examples. Pass a valset "
-                "of %d or more examples for a more reliable choice.",
-                task.name, len(heldout), "valset" if valset else "a quarter of trainset", 1 / len(heldout),
-                RELIABLE_HELDOUT)
-        return train, heldout
-
-    def _seed(self):
-        random.seed(self.config.seed)
-        np.random.seed(self.config.seed)
-        torch.manual_seed(self.config.seed)
-
     def _optimizer_lm(self) -> OptimizerLM:
         if self._lm is None:
             served = None
@@ -832,43 +442,14 @@ class GReaTerTeleprompter(Teleprompter):
             return None
         return CompletionServerGenerator(self.generation_server, tokenizer, model=served or self.generation_model)
 
-    def _search(self, task: PredictorTask) -> GreaterSearch:
+    def _search(self, task: PredictorTask) -> tuple[GreaterSearch, dict]:
+        """The search for ``task`` on the optimizer model, in the layout chosen for it, and that layout's info."""
         lm = self._optimizer_lm()
-        layout, info = self._layout(task, lm.tokenizer)
-        search = GreaterSearch(lm, layout, task.extractor, self.config)
-        search.layout_info = info
-        return search
-
-    def _layout(self, task: PredictorTask, tokenizer) -> tuple[GreaterLayout, dict]:
-        """The layout to search in, from ``layout=`` and the adapter the program will run with.
-
-        ``"auto"``: ``dspy.settings.adapter`` decides. A ``ChatAdapter`` -> the chat_adapter layout
-        with that adapter (``JSONAdapter`` and ``XMLAdapter`` included: their own messages and replies;
-        an adapter whose replies cannot be modelled, such as ``JSONAdapter`` with a non-text answer,
-        gets a plain ``ChatAdapter``'s, the nearest ones); ``GReaTerAdapter``, another adapter,
-        or none -> the paper's layout (none: this package's default pipeline, and what
-        ``GReaTerAdapter`` replays on small targets; set ``layout="chat_adapter"`` for a program
-        that will run with DSPy's default ``ChatAdapter``).
-        """
-        adapter = dspy.settings.adapter
-        configured = type(adapter).__name__ if adapter is not None else None
-        if self.layout == "greater" or (self.layout == "auto" and not isinstance(adapter, dspy.ChatAdapter)):
-            why = ("layout='greater'" if self.layout == "greater" else
-                   "auto: no adapter configured" if adapter is None else f"auto: the configured adapter is {configured}")
-            return GreaterLayout(tokenizer), {"name": "greater", "adapter": configured, "reason": why}
-        why = "layout='chat_adapter'" if self.layout == "chat_adapter" else f"auto: the configured adapter is {configured}"
-        chat = adapter if isinstance(adapter, dspy.ChatAdapter) else None
-        try:
-            layout = make_layout("chat_adapter", tokenizer, signature=task.signature, output_field=task.output_field,
-                                 adapter=chat)
-        except TypeError as error:  # e.g. JSONAdapter with a non-text answer: model ChatAdapter's replies instead
-            layout = make_layout("chat_adapter", tokenizer, signature=task.signature, output_field=task.output_field)
-            why += f" ({error} ChatAdapter's replies are modelled instead.)"
-        if self.extractor is not None:
-            logger.warning("The chat_adapter layout scores the label right after ChatAdapter's answer marker %r; "
-                           "the extractor option is not used in it.", layout.extractor_text)
-        logger.info("GReaTer [%s]: searching in the chat_adapter layout (%s).", task.name, why)
-        return layout, {"name": "chat_adapter", "adapter": type(layout.adapter).__name__, "reason": why}
+        layout, info = choose_layout(self.layout, lm.tokenizer, task.signature, task.output_field,
+                                     extractor_given=self.extractor is not None)
+        if info["name"] == "chat_adapter":
+            logger.info("GReaTer [%s]: searching in the chat_adapter layout (%s).", task.name, info["reason"])
+        return GreaterSearch(lm, layout, task.extractor, self.config), info
 
     def _start(self, task: PredictorTask, layout_name: str) -> str:
         """The instruction the search starts from (see ``initial_instruction``)."""
@@ -880,38 +461,6 @@ class GReaTerTeleprompter(Teleprompter):
                         "program's own instruction is the baseline.", task.name, start)
             return start
         return task.instruction
-
-    def _check_context(self, search: GreaterSearch, initial: str, task: PredictorTask, named_sets) -> None:
-        """Fail before any step when an example's sequence cannot fit the model's context.
-
-        ``named_sets``: ``[("trainset", examples), ("valset", examples)]``, so the error names the example.
-        """
-        limit = getattr(search.lm.model.config, "max_position_embeddings", None)
-        if not limit:
-            return
-        instruction = search.layout.encode_instruction(initial)
-        room = self.config.max_reasoning_tokens + len(search.extractor_ids) + 16
-        room += max(len(instruction), self.config.max_instruction_tokens)
-        bare = len(search.layout.prompt("", []).ids)
-        if bare + room > limit:  # not even empty inputs fit: the instruction or the reasoning budget is too long
-            raise _ContextTooLong(
-                f"The instruction ({len(instruction)} tokens), reasoning ({self.config.max_reasoning_tokens}) and answer "
-                f"alone need {bare + room} tokens, more than the optimizer model's context of {limit}. Shorten the "
-                "instruction, lower max_reasoning_tokens, or use a model with a longer context."
-            )
-        lengths = [(len(search.layout.prompt(task.search_inputs(e, search.layout), []).ids), f"{what}[{i}]")
-                   for what, examples in named_sets for i, e in enumerate(examples)]
-        too_long = [(n, where) for n, where in lengths if n + room > limit]
-        if too_long:
-            longest, where = max(too_long)
-            others = f" ({len(too_long) - 1} more examples are too long too)" if len(too_long) > 1 else ""
-            raise _ContextTooLong(
-                f"{where} is too long for the optimizer model: its inputs take {longest} tokens, and with the "
-                f"instruction ({len(instruction)}), reasoning ({self.config.max_reasoning_tokens}) and answer it needs "
-                f"{longest + room} tokens, more than the optimizer model's context of {limit}{others}. Shorten its "
-                "inputs (or drop it) or the instruction, lower max_reasoning_tokens, or use an optimizer model with a "
-                "longer context."
-            )
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -945,16 +494,6 @@ def _info_logs(shown: bool):
         package.setLevel(level)
 
 
-def _calls_per_prediction(adapter) -> int:
-    """The most target-LM calls one prediction costs under ``adapter`` (``None``: DSPy's default ChatAdapter)."""
-    if isinstance(adapter, GReaTerAdapter):
-        return 2  # the reasoning, then the answer
-    if adapter is None or (isinstance(adapter, dspy.ChatAdapter) and not isinstance(adapter, dspy.JSONAdapter)
-                           and adapter.use_json_adapter_fallback):
-        return 2  # a reply ChatAdapter cannot parse is asked again through JSONAdapter
-    return 1
-
-
 def _adapter_with(extractors: dict[str, Extractor]):
     """The configured adapter; a ``GReaTerAdapter`` also gets ``extractors`` for fields it has none for."""
     adapter = dspy.settings.adapter
@@ -964,61 +503,6 @@ def _adapter_with(extractors: dict[str, Extractor]):
             adapter = copy.copy(adapter)
             adapter.extractors = {**missing, **adapter.extractors}
     return adapter
-
-
-def _attach_scores(program: dspy.Module) -> None:
-    """``score`` and ``candidate_programs`` where DSPy's optimizers put them, as plain data on one scale
-    (percent: target-LM scores from ``dspy.Evaluate``, else held-out accuracy on the optimizer model).
-
-    ``candidate_programs`` lists each scored instruction as ``{"predictor", "instruction", "score",
-    "scored_on"}``, best first; programs themselves are not attached (they would join the returned
-    program's parameters and its saved state).
-    """
-    candidates = []
-    for name, result in program.greater_results.items():
-        if result.get("skipped"):
-            continue
-        selection = result.get("target_selection") or {}
-        if selection.get("scores"):
-            scored = [(text, score, "target") for text, score in selection["scores"].items()]
-        else:
-            scored = [(t["instruction"], 100 * t["accuracy"], "held-out") for t in result["top_instructions"]]
-            if result.get("program_heldout"):
-                scored.append((result["program_instruction"], 100 * result["program_heldout"]["accuracy"], "held-out"))
-        candidates += [{"predictor": name, "instruction": text, "score": score, "scored_on": where}
-                       for text, score, where in scored]
-    candidates.sort(key=lambda c: -c["score"])
-    program.candidate_programs = candidates
-    chosen = {n: p.signature.instructions for n, p in program.named_predictors()}
-    mine = [c["score"] for c in candidates if chosen.get(c["predictor"]) == c["instruction"]]
-    program.score = mine[-1] if mine else None
-
-
-def _keep_extractors(program: dspy.Module) -> None:
-    """Store each optimized predictor's extractor in its saved state, so a saved and loaded program
-    replays the prompts ``GReaTerAdapter.from_program`` builds for the compiled one."""
-    predictors = dict(program.named_predictors())
-    for name, result in program.greater_results.items():
-        if result.get("extractor") and name in predictors:
-            keep_extractor(predictors[name], result["extractor"])
-
-
-def _share_lms(program: dspy.Module, original: dspy.Module) -> None:
-    """Point ``program``'s predictors (a deep copy of ``original``) back at ``original``'s own LM objects."""
-    originals = dict(original.named_predictors())
-    for name, predictor in program.named_predictors():
-        lm = getattr(originals.get(name), "lm", None)
-        if lm is not None:
-            predictor.lm = lm
-
-
-def _program_with(student: dspy.Module, instructions: dict[str, str]) -> dspy.Module:
-    """A working copy of ``student`` with ``instructions``, running on ``student``'s own LM objects."""
-    program = student.deepcopy()
-    for name, predictor in program.named_predictors():
-        predictor.signature = predictor.signature.with_instructions(instructions[name])
-    _share_lms(program, student)
-    return program
 
 
 def _plain(value):
@@ -1032,43 +516,6 @@ def _plain(value):
     if callable(value):
         return getattr(value, "__name__", None) or type(value).__name__
     return str(value)
-
-
-def _recording_failures(function, failures: list[Exception]):
-    """Wrap a program or metric so exceptions are recorded (``dspy.Evaluate`` keeps only a score of 0)."""
-    lock = threading.Lock()
-
-    def run(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except Exception as exc:
-            with lock:
-                failures.append(exc)
-            raise
-
-    run.__name__ = getattr(function, "__name__", "run")  # dspy.Evaluate names the metric's column by it
-    return run
-
-
-def _target_lm(predictor) -> tuple[object | None, str]:
-    """The LM a predictor runs on and where it comes from: its own ``lm``, else ``dspy.settings.lm``."""
-    own = getattr(predictor, "lm", None)
-    if own is not None:
-        return own, "predictor.lm"
-    return dspy.settings.lm, "dspy.settings.lm"
-
-
-def _with_instruction(program: dspy.Module, name: str, instruction: str) -> dspy.Module:
-    copy = program.deepcopy()
-    predictor = dict(copy.named_predictors())[name]
-    predictor.signature = predictor.signature.with_instructions(instruction)
-    return copy
-
-
-def _result_dict(result: SearchResult, task: PredictorTask) -> dict:
-    data = result.to_dict()
-    data["extractor"] = {"field": task.output_field, "kind": task.extractor.kind, "text": task.extractor.text, "choices": list(task.extractor.choices)}
-    return data
 
 
 def _safe_name(name: str) -> str:

@@ -6,7 +6,6 @@ import difflib
 import logging
 import re
 import typing
-from typing import TYPE_CHECKING
 
 import dspy
 from dspy.adapters.chat_adapter import field_header_pattern
@@ -14,10 +13,6 @@ from dspy.adapters.chat_adapter import field_header_pattern
 from dspy_greater.engine.text import REASONING_FIELDS
 from dspy_greater.engine.extractor import Extractor
 from dspy_greater.engine.config import GreaterConfig
-from dspy_greater.engine.search import SearchExample
-
-if TYPE_CHECKING:
-    from dspy_greater.teleprompter import PredictorTask
 
 logger = logging.getLogger(__name__)
 
@@ -82,31 +77,6 @@ def check_instruction(text: str, what: str) -> None:
             "target LM's reply at these markers, so one inside the instruction invites a reply the adapter cannot "
             f"parse. Remove it and name the field in plain words (e.g. `{marker.group(1)}`)."
         )
-
-
-def deduplicated(examples: list, task: PredictorTask) -> list:
-    """``examples`` with exact repeats (same inputs and label) dropped, with a warning; examples with the same
-    inputs but different labels are kept, with a warning (no instruction can get all of them right)."""
-    first: dict[SearchExample, int] = {}
-    labels: dict[str, dict[str, int]] = {}
-    kept, repeats = [], []
-    for i, example in enumerate(examples):
-        key = task.search_example(example)
-        if key in first:
-            repeats.append(f"[{i}] repeats [{first[key]}]")
-            continue
-        first[key] = i
-        labels.setdefault(key.inputs_text, {})[key.label] = i
-        kept.append(example)
-    if repeats:
-        logger.warning("trainset holds %d exact duplicate example(s) (%s); each is used once.",
-                       len(repeats), ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else ""))
-    conflicts = [by_label for by_label in labels.values() if len(by_label) > 1]
-    for by_label in conflicts[:5]:
-        logger.warning("trainset examples %s have the same inputs but different labels (%s); all are kept, so no "
-                       "instruction can get them all right and the loss pulls both ways. Fix the labels or drop one.",
-                       ", ".join(f"[{i}]" for i in by_label.values()), ", ".join(repr(k) for k in by_label))
-    return kept
 
 
 _TOOL_LINE = re.compile(r"^\(\d+\) [^\n]*?(?:, whose description is|\. It takes arguments)", re.MULTILINE)

@@ -17,7 +17,7 @@ from dspy_greater import GReaTerTeleprompter
 from dspy_greater.targets.adapter import GReaTerAdapter
 from dspy_greater.data import load_examples
 from dspy_greater.engine.extractor import derive_extractor
-from dspy_greater.chat_layout import ChatAdapterLayout, make_layout
+from dspy_greater.chat_layout import ChatAdapterLayout, choose_layout, make_layout
 from dspy_greater.engine.layout import GreaterLayout
 from dspy_greater.metrics import exact_match
 from dspy_greater.engine.config import GreaterConfig
@@ -262,7 +262,7 @@ def test_compile_runs_a_short_search_in_the_chat_adapter_layout(optimizer, caplo
     assert result["best_instruction"] == optimized.predict.signature.instructions
     assert "chat_adapter layout" in caplog.text
     # The reasoning the search generates in this layout never holds a field marker.
-    search = tp._search(tp._prepare(program, train, None)[2])
+    search, _ = tp._search(tp._task(program, train))
     examples = [SearchExample(search.layout.inputs_text({"question": e.question}), e.answer) for e in train]
     reasoning = search.reasoning(search.layout.encode_instruction(result["best_instruction"]), examples)
     assert all("[[ ##" not in search.layout.decode(r) and 0 < len(r) <= 8 for r in reasoning)
@@ -287,9 +287,9 @@ def test_json_adapter_with_a_non_text_answer_falls_back_to_chat_adapter_replies(
     tp.use_loaded_model(*optimizer)
     program = dspy.ChainOfThought("question -> answer: int")
     train = [dspy.Example(question=f"What is {i} + 1?", answer=i + 1).with_inputs("question") for i in range(4)]
-    _, _, task = tp._prepare(program, train, None)
+    task = tp._task(program, train)
     with dspy.context(adapter=dspy.JSONAdapter()):
-        layout, info = tp._layout(task, optimizer[1])
+        layout, info = choose_layout("auto", optimizer[1], task.signature, task.output_field)
     assert info["adapter"] == "ChatAdapter" and "ChatAdapter's replies are modelled instead" in info["reason"]
     assert layout.stop_strings == ("[[ ##",)
 
@@ -316,9 +316,9 @@ def test_auto_layout_follows_the_configured_adapter(optimizer, option, adapter, 
     tp = GReaTerTeleprompter(metric=exact_match, layout=option, progress=False)
     tp.use_loaded_model(*optimizer)
     program = dspy.ChainOfThought("question -> answer")
-    _, _, task = tp._prepare(program, _navigate(2), None)
+    task = tp._task(program, _navigate(2))
     with dspy.context(adapter=adapter):
-        layout, info = tp._layout(task, optimizer[1])
+        layout, info = choose_layout(option, optimizer[1], task.signature, task.output_field)
     assert layout.name == info["name"] == expected
     if formatter:
         assert type(layout.adapter).__name__ == formatter
