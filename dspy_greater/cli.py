@@ -157,9 +157,12 @@ def run_optimize(args: argparse.Namespace) -> dict:
     program = dspy.ChainOfThought(signature) if args.program == "cot" else dspy.Predict(signature)
     overrides = {k: v for k, v in (("num_steps", args.steps), ("batch_size", args.batch_size),
                                    ("max_reasoning_tokens", args.reasoning_tokens), ("seed", args.seed)) if v is not None}
-    config = GreaterConfig.faithful(**overrides) if args.faithful else GreaterConfig(**overrides)
-    teleprompter = GReaTerTeleprompter(metric=exact_match, config=config, model=args.model, dtype=args.dtype,
-                                       device=args.device, layout=args.layout, progress=not args.quiet)
+    try:
+        config = GreaterConfig.faithful(**overrides) if args.faithful else GreaterConfig(**overrides)
+        teleprompter = GReaTerTeleprompter(metric=exact_match, config=config, model=args.model, dtype=args.dtype,
+                                           device=args.device, layout=args.layout, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as error:
+        raise _CommandLineError(_in_flag_terms(error, args)) from None
     before, golds = teleprompter.optimizer_predictions(program, test)
     optimized = teleprompter.compile(program, trainset=train, valset=val, checkpoint_dir=args.checkpoint_dir)
     after, _ = teleprompter.optimizer_predictions(optimized, test)
@@ -175,6 +178,23 @@ def run_optimize(args: argparse.Namespace) -> dict:
         print(f"Optimized program saved to {args.save} (load it with program.load(...); run it with "
               "dspy.configure(adapter=GReaTerAdapter.from_program(program)) in GReaTer's layout)")
     return {"before": rows[0], "after": rows[1], "search": optimized.greater_results}
+
+
+# The GreaterConfig fields the optimize command sets, by the flag that sets them.
+_CONFIG_FLAGS = {"num_steps": "--steps", "batch_size": "--batch-size", "max_reasoning_tokens": "--reasoning-tokens",
+                 "seed": "--seed"}
+
+
+def _in_flag_terms(error: Exception, args: argparse.Namespace) -> str:
+    """An error from the options the flags were turned into, said in terms of the flags."""
+    message = str(error)
+    for field, flag in _CONFIG_FLAGS.items():
+        message = message.replace(f"GreaterConfig.{field}", flag)
+    if isinstance(error, FileNotFoundError):
+        return f"--model {args.model!r}: {message}" if args.model else message
+    if "device" in message and args.device is not None:
+        return f"--device {args.device!r}: {message}"
+    return message
 
 
 def _add_optimize_subcommand(sub) -> None:

@@ -88,6 +88,10 @@ def test_optimize_a_csv_with_two_input_fields(tmp_path, capsys):
     (["--signature", "context, question -> answer, verdict"], "--signature must have one output field"),
     (["--signature", "passage -> answer"], "has no column 'passage'"),
     (["--signature", "this is not a signature"], "--signature 'this is not a signature' is not a DSPy signature"),
+    (["--signature", "context, question -> answer", "--steps", "0"], "--steps must be a positive integer"),
+    (["--signature", "context, question -> answer", "--reasoning-tokens", "-3"], "--reasoning-tokens must be"),
+    (["--signature", "context, question -> answer", "--device", "tpu"], "--device 'tpu': "),
+    (["--signature", "context, question -> answer", "--model", "./no/such/model"], "--model './no/such/model': "),
 ])
 def test_optimize_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     data = tmp_path / "task.csv"

@@ -198,14 +198,18 @@ def test_a_saved_and_loaded_program_sends_the_same_prompts(tiny_teleprompter, tm
     optimized.save(str(tmp_path / "program.json"))
     loaded = dspy.ChainOfThought(signature)
     loaded.load(str(tmp_path / "program.json"))
+    GReaTerAdapter.from_program(loaded)
+    loaded.save(str(tmp_path / "again.json"))  # a loaded program saved again keeps its extractor
+    reloaded = dspy.ChainOfThought(signature)
+    reloaded.load(str(tmp_path / "again.json"))
 
     sent = []
-    for program in (optimized, loaded):
+    for program in (optimized, loaded, reloaded):
         lm = _RecordingLM("Counting them one by one.", reply)
         with dspy.context(lm=lm, adapter=GReaTerAdapter.from_program(program)):
             answers = [program(**e.inputs()).answer for e in test]
         sent.append((lm.sent, answers))
-    assert sent[0] == sent[1] and len(sent[0][0]) == 2 * len(test)
+    assert sent[0] == sent[1] == sent[2] and len(sent[0][0]) == 2 * len(test)
     # Without the saved extractor some answer prompts would differ: the field's type and one question's options
     # are not what the labels say.
     kept = GReaTerAdapter.from_program(loaded).extractor(loaded.predict.signature, "answer")

@@ -164,7 +164,8 @@ class GReaTerAdapter(Adapter):
         ``program.save(...)`` / ``program.load(...)``), else the program's ``greater_results``.
         Each extractor is kept under its output field and the predictor's instruction, so two
         predictors with the same output field name keep their own; the field name alone falls
-        back to the first predictor's.
+        back to the first predictor's. Each predictor keeps its extractor in its saved state, so
+        a loaded program saved again still carries it.
         """
         predictors = dict(program.named_predictors())
         specs = [(name, getattr(p, EXTRACTOR_STATE, None)) for name, p in predictors.items()]
@@ -180,6 +181,7 @@ class GReaTerAdapter(Adapter):
             extractors.setdefault(spec["field"], found)
             if name in predictors:
                 extractors[(spec["field"], predictors[name].signature.instructions)] = found
+                keep_extractor(predictors[name], spec)  # DSPy's load() restores the attribute, not the saving
         return cls(extractors, **kwargs)
 
     def extractor(self, signature: type[dspy.Signature], name: str, inputs: dict[str, Any] | None = None) -> Extractor:
