@@ -18,6 +18,7 @@ from dspy_greater.targets.adapter import GReaTerAdapter
 from dspy_greater.data import load_examples
 from dspy_greater.engine.extractor import derive_extractor
 from dspy_greater.chat_layout import ChatAdapterLayout, choose_layout, make_layout
+from dspy_greater.planning import predictor_task
 from dspy_greater.engine.layout import GreaterLayout
 from dspy_greater.metrics import exact_match
 from dspy_greater.engine.config import GreaterConfig
@@ -262,7 +263,7 @@ def test_compile_runs_a_short_search_in_the_chat_adapter_layout(optimizer, caplo
     assert result["best_instruction"] == optimized.predict.signature.instructions
     assert "chat_adapter layout" in caplog.text
     # The reasoning the search generates in this layout never holds a field marker.
-    search, _ = tp._search(tp._task(program, train))
+    search, _ = tp._search(predictor_task(program, train))
     examples = [SearchExample(search.layout.inputs_text({"question": e.question}), e.answer) for e in train]
     reasoning = search.reasoning(search.layout.encode_instruction(result["best_instruction"]), examples)
     assert all("[[ ##" not in search.layout.decode(r) and 0 < len(r) <= 8 for r in reasoning)
@@ -283,11 +284,9 @@ def test_compile_in_a_program_that_runs_with_json_adapter_searches_its_json_repl
 
 
 def test_json_adapter_with_a_non_text_answer_falls_back_to_chat_adapter_replies(optimizer):
-    tp = GReaTerTeleprompter(metric=exact_match, progress=False)
-    tp.use_loaded_model(*optimizer)
     program = dspy.ChainOfThought("question -> answer: int")
     train = [dspy.Example(question=f"What is {i} + 1?", answer=i + 1).with_inputs("question") for i in range(4)]
-    task = tp._task(program, train)
+    task = predictor_task(program, train)
     with dspy.context(adapter=dspy.JSONAdapter()):
         layout, info = choose_layout("auto", optimizer[1], task.signature, task.output_field)
     assert info["adapter"] == "ChatAdapter" and "ChatAdapter's replies are modelled instead" in info["reason"]
@@ -313,10 +312,8 @@ def test_layout_option_is_validated():
     ("chat_adapter", GReaTerAdapter(), "chat_adapter", "ChatAdapter"),
 ])
 def test_auto_layout_follows_the_configured_adapter(optimizer, option, adapter, expected, formatter):
-    tp = GReaTerTeleprompter(metric=exact_match, layout=option, progress=False)
-    tp.use_loaded_model(*optimizer)
     program = dspy.ChainOfThought("question -> answer")
-    task = tp._task(program, _navigate(2))
+    task = predictor_task(program, _navigate(2))
     with dspy.context(adapter=adapter):
         layout, info = choose_layout(option, optimizer[1], task.signature, task.output_field)
     assert layout.name == info["name"] == expected
