@@ -1,6 +1,6 @@
 """Choosing the default search: one configuration over the protocol's 15 runs, and their pooled gains.
 
-The protocol (benchmarks/README.md, section 6): the five transfer tasks x seeds 0-2; per seed 24
+The protocol (benchmarks/README.md, section 5): the five transfer tasks x seeds 0-2; per seed 24
 train / 12 held-out / every remaining row as test; ``dspy.ChainOfThought("question -> answer")``
 with DSPy's generated instruction, compiled by ``GReaTerTeleprompter`` with the configuration;
 answers scored by the embedded SmolLM2-135M in GReaTer's layout (``optimizer_predictions``) at
