@@ -19,6 +19,8 @@ _EXPORTS = {
     "SearchResult": "dspy_greater.engine.search",
     "GReaTerTeleprompter": "dspy_greater.teleprompter",
     "GReaTerAdapter": "dspy_greater.targets.adapter",
+    "PlainTextLM": "dspy_greater.targets.plain_text",
+    "LlamaCppServer": "dspy_greater.targets.llama_cpp",
 }
 __all__ = sorted(_EXPORTS)
 
