@@ -311,6 +311,41 @@ def test_generate_batched_equals_alone_and_stops_at_eos(optimizer, lm):
     assert not lm.model.get_output_embeddings()._forward_pre_hooks  # generate() leaves no hook behind
 
 
+def test_sampled_generation_draws_from_the_given_generator_only(optimizer, lm):
+    """Sampling (temperature > 0) is reproducible from a local generator, and leaves torch's global
+    random state as it was; greedy decoding ignores the generator."""
+    _, tokenizer = optimizer
+    prompts = [_chat(tokenizer, "Name a color."), _chat(tokenizer, "Count: one, two,")]
+    settings = dict(max_new_tokens=6, temperature=1.5)
+    before = torch.get_rng_state()
+    runs = {seed: lm.generate(prompts, **settings, rng=torch.Generator().manual_seed(seed)) for seed in range(4)}
+    assert torch.equal(torch.get_rng_state(), before)
+    assert lm.generate(prompts, **settings, rng=torch.Generator().manual_seed(0)) == runs[0]
+    assert len({str(out) for out in runs.values()}) > 1  # the generator decides what is drawn
+    greedy = lm.generate(prompts, max_new_tokens=6)
+    assert lm.generate(prompts, max_new_tokens=6, rng=torch.Generator().manual_seed(3)) == greedy
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_local_sampler_draws_from_the_warped_distribution():
+    """Each row's draw follows softmax(logits / temperature) restricted to the top-k; the scores it
+    returns leave only the drawn token, so that a greedy pick takes it."""
+    from dspy_greater.engine.sampling import LocalSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0], [-1.0, 0.0, 0.5, 1.0, 0.2]])
+    top3 = torch.tensor([[True, True, True, False, False], [False, False, True, True, True]])
+    sampler = LocalSampler(torch.Generator().manual_seed(0), temperature=0.5, top_k=3, top_p=1.0)
+    counts = torch.zeros_like(logits)
+    draws = 4000
+    for _ in range(draws):
+        scores = sampler(torch.zeros((2, 1), dtype=torch.long), logits.clone())
+        assert ((scores == 0).sum(-1) == 1).all() and torch.isinf(scores).sum() == 2 * 4
+        counts[torch.arange(2), scores.argmax(-1)] += 1
+    expected = torch.softmax((logits / 0.5).masked_fill(~top3, -float("inf")), dim=-1)
+    assert counts[~top3].sum() == 0  # outside the top-k: never drawn
+    torch.testing.assert_close(counts / draws, expected, rtol=0, atol=0.03)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. score: `correct` means every answer token is the argmax
 # ---------------------------------------------------------------------------------------------
@@ -542,12 +577,12 @@ def test_stored_inputs_with_uneven_instruction_parts_and_a_small_budget(optimize
     plain = OptimizerLM(model, tokenizer, batch_size=8, context_cache_mb=0).prefill(cut, starts)
     one_fits = OptimizerLM(model, tokenizer, batch_size=8)
     one_fits.prefill(cut[:1], starts[:1])
-    one_fits.context_cache_bytes = one_fits._context_bytes  # room for exactly the first example's inputs
+    one_fits.context_cache_bytes = one_fits.contexts.nbytes  # room for exactly the first example's inputs
     _assert_same_prefix(one_fits.prefill(cut, starts), plain)
     assert 1 <= len(one_fits._contexts) < NUM_EXAMPLES
-    assert one_fits._context_bytes <= one_fits.context_cache_bytes
+    assert one_fits.contexts.nbytes <= one_fits.context_cache_bytes
     one_fits.clear_context_cache()
-    assert not one_fits._contexts and one_fits._context_bytes == 0
+    assert not one_fits._contexts and one_fits.contexts.nbytes == 0
 
 
 def test_generation_on_stored_inputs_equals_plain_generation(optimizer, layout, task):

@@ -10,142 +10,28 @@ the next-token distribution the proposals need, and keeps its key/value cache, s
 and every finalist's scoring only run the rest of the sequence. An example's inputs (the part of
 the prefix before the instruction) are the same in every step, so their cache is also kept across
 steps, in a least-recently-used store of bounded size, and a step only runs the instruction part.
+The caches are in :mod:`~dspy_greater.engine.kv_cache`, the loss terms in
+:mod:`~dspy_greater.engine.losses` and the one-hot gradient in :mod:`~dspy_greater.engine.gradient`.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
-import re
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from dspy_greater.engine import gradient
+from dspy_greater.engine.gradient import KeptGradient
+from dspy_greater.engine.kv_cache import ContextStore, Prefix, _ContextState, _PrefixChunk, context_state, stacked
 from dspy_greater.engine.layout import Sequence
+from dspy_greater.engine.losses import SequenceScore, span_terms
+from dspy_greater.engine.sampling import DEFAULT_TOP_K, LocalSampler
+from dspy_greater.engine.vocabulary import allowed_tokens, leading_space_tokens
 
-_WORD_TOKEN = re.compile(r"[A-Za-z ]+")
-
-
-@dataclass(frozen=True)
-class SequenceScore:
-    """How well one sequence's answer span is predicted.
-
-    Attributes:
-        answer_loss: Mean cross-entropy of the answer tokens (logits divided by the temperature).
-        correct: Whether every answer token is the model's argmax.
-        fluency: Mean negative log-likelihood of the instruction tokens.
-        choice_logits: Logits at the first answer position of the tokens passed to
-            :meth:`OptimizerLM.score` as ``choices`` (empty without them).
-    """
-
-    answer_loss: float
-    correct: bool
-    fluency: float
-    choice_logits: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class KeptGradient:
-    """One sequence's gradient pass, kept to give its gradient at later positions of the same instruction.
-
-    A sequence's loss depends on the instruction token at offset ``q`` in two ways: through that
-    token's input embedding (every later position) and through the fluency term's log-probability of
-    the token itself. The backward pass at an earlier position already computes the first part's
-    gradient for every later position; the second needs only the next-token distribution before
-    ``q``, which the prefix of the step at ``q`` holds. So while the instruction and its reasoning
-    stay the same, the gradient at ``q`` needs no new forward or backward pass.
-
-    Attributes:
-        score: The sequence's score (the same at every position).
-        start: Instruction offset of ``embedding_grads[0]``.
-        embedding_grads: d(sequence loss)/d(input embedding) at instruction offsets ``start`` on,
-            shape ``[k, hidden]``.
-    """
-
-    score: SequenceScore
-    start: int
-    embedding_grads: torch.Tensor
-
-    def covers(self, position: int) -> bool:
-        return self.start <= position < self.start + len(self.embedding_grads)
-
-
-@dataclass
-class _PrefixChunk:
-    """The cached prefixes of one forward batch (rows right-padded to a common width)."""
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    mask: torch.Tensor
-    lengths: list[int]
-
-
-@dataclass(frozen=True)
-class _ContextState:
-    """One example's inputs run once: its key/value cache (batch of one) and last hidden state."""
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    last_hidden: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers) + self.last_hidden.nbytes
-
-
-@dataclass
-class Prefix:
-    """Token prefixes run once and kept as a key/value cache (see :meth:`OptimizerLM.prefill`).
-
-    Attributes:
-        ids: Each row's prefix ids.
-        next_logprobs: Log-probabilities of the token after each prefix, ``[rows, vocab]`` on CPU.
-        instruction_logprob: Per row, the summed log-probability of the instruction tokens inside
-            the prefix (the fluency term's constant part).
-    """
-
-    ids: list[list[int]]
-    next_logprobs: torch.Tensor
-    instruction_logprob: list[float]
-    chunks: list[_PrefixChunk]
-    batch_size: int
-
-    def covers(self, seqs: list[Sequence], rows: list[int] | None = None) -> bool:
-        """Whether each sequence starts with its prefix (``rows[i]`` for sequence ``i``; by default
-        one prefix per sequence, in order), and so may continue its cache."""
-        rows = list(range(len(self.ids))) if rows is None else rows
-        return len(seqs) == len(rows) and all(
-            0 <= r < len(self.ids) and s.ids[: len(self.ids[r])] == self.ids[r] and len(self.ids[r]) <= s.answer_start - 1
-            for s, r in zip(seqs, rows))
-
-    def gather(self, rows: list[int]) -> _PrefixChunk:
-        """One forward batch continuing these prefix rows, in this order (a row may repeat)."""
-        where = [(c, i) for c, chunk in enumerate(self.chunks) for i in range(len(chunk.lengths))]
-        picked = [where[r] for r in rows]
-        whole = self.chunks[picked[0][0]]
-        if picked == [(picked[0][0], i) for i in range(len(whole.lengths))]:
-            return whole  # one chunk, all its rows in order: its tensors as they are (a forward never writes into them)
-        width = max(self.chunks[c].mask.shape[1] for c, _ in picked)
-        parts, order = [], []
-        for c, chunk in enumerate(self.chunks):
-            mine = [n for n, (cc, _) in enumerate(picked) if cc == c]
-            if not mine:
-                continue
-            index = torch.tensor([picked[n][1] for n in mine], device=chunk.mask.device)
-            gap = width - chunk.mask.shape[1]  # the padding sits between prefix and tail: masked out
-            parts.append(([(F.pad(k[index], (0, 0, 0, gap)), F.pad(v[index], (0, 0, 0, gap))) for k, v in chunk.layers],
-                          F.pad(chunk.mask[index], (0, gap))))
-            order += mine
-        if len(parts) == 1:
-            layers, mask = parts[0]
-        else:
-            back = torch.tensor(order).argsort().to(parts[0][1].device)
-            layers = [(torch.cat([p[0][n][0] for p in parts])[back], torch.cat([p[0][n][1] for p in parts])[back])
-                      for n in range(len(parts[0][0]))]
-            mask = torch.cat([p[1] for p in parts])[back]
-        return _PrefixChunk(layers, mask, [self.chunks[c].lengths[i] for c, i in picked])
+__all__ = ["KeptGradient", "OptimizerLM", "Prefix", "SequenceScore"]
 
 
 class OptimizerLM:
@@ -183,9 +69,8 @@ class OptimizerLM:
         self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
         self._masks: dict[str, torch.Tensor] = {}
-        self.context_cache_bytes = int(context_cache_mb * 2**20)
-        self._contexts: OrderedDict[tuple[int, ...], _ContextState] = OrderedDict()
-        self._context_bytes = 0
+        #: The inputs' key/value caches kept across :meth:`prefill` and :meth:`generate` calls.
+        self.contexts = ContextStore(int(context_cache_mb * 2**20))
         forward_args = inspect.signature(model.base_model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"  # renamed in transformers 5
         windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=model.config).layers]
@@ -201,35 +86,17 @@ class OptimizerLM:
         return self.embedding_matrix.shape[0]
 
     def allowed_token_mask(self, mode: str) -> torch.Tensor:
-        """Boolean mask over the vocabulary of tokens the search may place in an instruction.
-
-        ``"words"``: ASCII letters and spaces, plus exactly "." and "," (the paper's filter);
-        ``"ascii"``: printable ASCII; ``"all"``: every non-special token. Computed once per mode.
-        """
+        """Boolean mask over the vocabulary of tokens the search may place in an instruction (see
+        :func:`~dspy_greater.engine.vocabulary.allowed_tokens` for the modes). Computed once per mode."""
         if mode not in self._masks:
-            size = len(self.tokenizer)
-            texts = self.tokenizer.batch_decode([[i] for i in range(size)])
-            special = set(self.tokenizer.all_special_ids)
-            special |= {i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special}
-            mask = torch.zeros(size, dtype=torch.bool)
-            for i, text in enumerate(texts):
-                if i in special or not text or "\ufffd" in text:
-                    continue
-                if mode == "words":
-                    mask[i] = bool(_WORD_TOKEN.fullmatch(text)) or text in (".", ",")
-                elif mode == "ascii":
-                    mask[i] = text.isascii() and text.isprintable()
-                else:
-                    mask[i] = True
-            self._masks[mode] = mask
+            self._masks[mode] = allowed_tokens(self.tokenizer, mode)
         return self._masks[mode]
 
     def leading_space_mask(self) -> torch.Tensor:
         """Tokens whose text starts with whitespace (kept out of an instruction's first position,
         where the layout already separates it, so the instruction text round-trips)."""
         if "_leading_space" not in self._masks:
-            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            self._masks["_leading_space"] = torch.tensor([t[:1].isspace() for t in texts], dtype=torch.bool)
+            self._masks["_leading_space"] = leading_space_tokens(self.tokenizer)
         return self._masks["_leading_space"]
 
     # -- forward helpers -------------------------------------------------------------------------
@@ -351,7 +218,7 @@ class OptimizerLM:
         contexts = [tuple(prefix[:start]) for prefix, start in zip(chunk, starts)]
         states = self._context_states(contexts)
         width = max(len(c) for c in contexts)
-        layers = self._stacked(states, width, left_padded=False)
+        layers = stacked(states, width, left_padded=False)
         mask = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
         for row, context in enumerate(contexts):
             mask[row, : len(context)] = 1
@@ -367,41 +234,29 @@ class OptimizerLM:
 
     def _context_states(self, contexts: list[tuple[int, ...]]) -> list[_ContextState]:
         """Each context's cache and last hidden state: from the store, or run now (batched) and stored."""
-        found = {c: self._contexts[c] for c in contexts if c in self._contexts}
-        for c in found:
-            self._contexts.move_to_end(c)
-        missing = [c for c in dict.fromkeys(contexts) if c not in found]
-        for batch in self._chunks(missing):
-            hidden, layers = self._run_cached(*self._padded([list(c) for c in batch]))
-            for row, context in enumerate(batch):
-                n = len(context)
-                own = [(k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone()) for k, v in layers]
-                found[context] = state = _ContextState(own, hidden[row, n - 1].clone())
-                self._remember(context, state)
-        return [found[c] for c in contexts]
+        return self.contexts.states(contexts, self._run_contexts, self.batch_size)
 
-    @staticmethod
-    def _stacked(states: list[_ContextState], width: int, *, left_padded: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The states' key/value layers as one batch, each row padded to ``width`` positions."""
-        def padded(tensor: torch.Tensor) -> torch.Tensor:
-            gap = width - tensor.shape[-2]
-            return F.pad(tensor, (0, 0, gap, 0) if left_padded else (0, 0, 0, gap))
-        return [tuple(torch.cat([padded(state.layers[i][kv]) for state in states]) for kv in (0, 1))
-                for i in range(len(states[0].layers))]
+    def _run_contexts(self, batch: list[tuple[int, ...]]) -> list[_ContextState]:
+        hidden, layers = self._run_cached(*self._padded([list(c) for c in batch]))
+        return [context_state(layers, hidden, row, len(context)) for row, context in enumerate(batch)]
 
-    def _remember(self, context: tuple[int, ...], state: _ContextState) -> None:
-        if state.nbytes > self.context_cache_bytes:
-            return
-        self._contexts[context] = state
-        self._context_bytes += state.nbytes
-        while self._context_bytes > self.context_cache_bytes:
-            _, dropped = self._contexts.popitem(last=False)
-            self._context_bytes -= dropped.nbytes
+    @property
+    def context_cache_bytes(self) -> int:
+        """Memory the inputs' caches kept across calls may take (``0``: none are kept)."""
+        return self.contexts.capacity_bytes
+
+    @context_cache_bytes.setter
+    def context_cache_bytes(self, value: int) -> None:
+        self.contexts.capacity_bytes = value
+
+    @property
+    def _contexts(self):
+        """The stored inputs' states by their token ids (``contexts.entries``)."""
+        return self.contexts.entries
 
     def clear_context_cache(self) -> None:
         """Drop the inputs' caches kept across :meth:`prefill` calls (e.g. to free memory)."""
-        self._contexts.clear()
-        self._context_bytes = 0
+        self.contexts.clear()
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -415,6 +270,7 @@ class OptimizerLM:
         top_p: float = 1.0,
         stop_strings: list[str] | None = None,
         context_lengths: list[int] | None = None,
+        rng: torch.Generator | None = None,
     ) -> list[list[int]]:
         """Continue each prompt; returns the new tokens up to (not including) the first stop token.
 
@@ -426,17 +282,24 @@ class OptimizerLM:
             context_lengths: Per prompt, how many leading tokens are an example's inputs (as in
                 :meth:`prefill`). Their key/value cache then comes from the store kept across calls
                 (and is added to it), for every batch whose prompts are equally long after them.
+            rng: Draws the sampled tokens when ``temperature > 0`` (at the temperature, the model's
+                top-k and ``top_p``); a generator seeded with 0 when not given. Torch's global
+                random state is never used. A ``generator`` server samples on its own.
         """
         if self.generator is not None:
             rows = self.generator(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             return [self._finish_row(row, stop_strings) for row in rows]
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if temperature > 0:
+            top_k = getattr(self.model.generation_config, "top_k", None)
+            sampler = LocalSampler(rng if rng is not None else torch.Generator().manual_seed(0), temperature=temperature,
+                                   top_k=DEFAULT_TOP_K if top_k is None else top_k, top_p=top_p)
+            sampling["logits_processor"] = LogitsProcessorList([sampler])
         stops = {"stop_strings": list(stop_strings), "tokenizer": self.tokenizer} if stop_strings else {}
         lengths = self._chunks(context_lengths) if context_lengths is not None else itertools.repeat(None)
         results: list[list[int]] = []
-        # generate() hands the output layer a strided view of the last position; on CPU a
-        # bfloat16 matmul then copies the whole output matrix per row (~0.4 s per call here).
+        # generate() hands the output layer a strided view of the last position; on CPU a bfloat16
+        # matmul on it copies the whole output matrix per row, so the view is made contiguous first.
         hook = self.model.get_output_embeddings().register_forward_pre_hook(
             lambda module, args: (args[0].contiguous(), *args[1:]))
         try:
@@ -464,7 +327,7 @@ class OptimizerLM:
         if len(after) != 1 or min(after) < 1:  # generate() must have at least one new token to prefill
             return {}
         contexts = [tuple(p[:n]) for p, n in zip(chunk, context_lengths)]
-        layers = self._stacked(self._context_states(contexts), max(context_lengths), left_padded=True)
+        layers = stacked(self._context_states(contexts), max(context_lengths), left_padded=True)
         return {self._cache_arg: DynamicCache(ddp_cache_data=layers, config=self.model.config)}
 
     def _finish_row(self, row: list[int], stop_strings: list[str] | None) -> list[int]:
@@ -483,54 +346,6 @@ class OptimizerLM:
         return row[:end]
 
     # -- losses ----------------------------------------------------------------------------------
-
-    def _span_terms(
-        self,
-        hidden: torch.Tensor,
-        seqs: list[Sequence],
-        temperature: float,
-        *,
-        prefix: Prefix | None = None,
-        rows: list[int] | None = None,
-        edited: tuple[int, Callable] | None = None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
-        """Answer loss, fluency and correctness per row, from logits at the needed positions only.
-
-        Without ``prefix``, ``hidden`` covers whole sequences. With it, ``hidden`` covers what
-        follows each cached prefix (row ``i`` of this batch is row ``rows[i]`` of the prefix), and
-        the instruction tokens inside the prefix contribute their cached log-likelihood.
-        ``edited = (position, logprob_fn)`` replaces the log-probability of the instruction token at
-        ``position`` (offset within the instruction) by ``logprob_fn(logprobs_there)``; the one-hot
-        path mixes candidates there. With a prefix, that token must be the first one after it.
-        """
-        answer_losses, fluencies, correct = [], [], []
-        for row, seq in enumerate(seqs):
-            offset = len(prefix.ids[rows[row]]) if prefix is not None else 0
-            first = max(seq.instruction_start, 1, offset + 1)
-            answer_pos = torch.arange(seq.answer_start - 1, seq.answer_end - 1, device=self.device) - offset
-            instr_pos = torch.arange(first - 1, seq.instruction_end - 1, device=self.device) - offset
-            logits = self._logits(hidden[row, torch.cat([answer_pos, instr_pos])])
-            n_answer = len(answer_pos)
-            answer_targets = torch.tensor(seq.ids[seq.answer_start : seq.answer_end], device=self.device)
-            answer_logits = logits[:n_answer]
-            answer_losses.append(F.cross_entropy(answer_logits / temperature, answer_targets))
-            correct.append(bool((answer_logits.argmax(-1) == answer_targets).all()))
-            instr_targets = torch.tensor(seq.ids[first : seq.instruction_end], dtype=torch.long, device=self.device)
-            logprobs = torch.log_softmax(logits[n_answer:], dim=-1)
-            token_logprobs = logprobs.gather(1, instr_targets[:, None]).squeeze(1)
-            edited_index = seq.instruction_start + edited[0] if edited is not None else -1
-            if prefix is None and first <= edited_index < seq.instruction_end:
-                local = edited_index - first
-                token_logprobs = torch.cat(
-                    [token_logprobs[:local], edited[1](logprobs[local])[None], token_logprobs[local + 1 :]])
-            pieces = [token_logprobs]
-            if prefix is not None:
-                next_logprobs = prefix.next_logprobs[rows[row]].to(self.device)
-                at_edit = edited[1](next_logprobs) if edited is not None else next_logprobs[seq.ids[offset]]
-                pieces += [at_edit.reshape(1), torch.tensor([prefix.instruction_logprob[rows[row]]], device=self.device)]
-            count = _fluency_count(seq)
-            fluencies.append(-torch.cat(pieces).sum() / count if count else torch.zeros((), device=self.device))
-        return answer_losses, fluencies, correct
 
     def _batches(self, seqs: list[Sequence], prefix: Prefix | None, prefix_rows: list[int] | None = None):
         """``(indices, chunk, prefix_chunk, tails, rows)`` per forward batch: which sequences, the
@@ -579,7 +394,8 @@ class OptimizerLM:
         for indices, chunk, prefix_chunk, tails, rows in self._batches(seqs, prefix, prefix_rows):
             ids, mask = self._padded(tails)
             hidden = self._hidden(mask, ids=ids, prefix=prefix_chunk)
-            losses, fluencies, correct = self._span_terms(hidden, chunk, answer_temperature, prefix=prefix, rows=rows)
+            losses, fluencies, correct = span_terms(self._logits, self.device, hidden, chunk, answer_temperature,
+                                                    prefix=prefix, rows=rows)
             picked = [()] * len(chunk)
             if choices:
                 offsets = prefix_chunk.lengths if prefix_chunk else [0] * len(chunk)
@@ -604,91 +420,8 @@ class OptimizerLM:
         kept_out: list[KeptGradient] | None = None,
         edited_fluency: bool = True,
     ) -> tuple[float, torch.Tensor]:
-        """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
-
-        The instruction token at ``position`` (offset within the instruction) must be one of the
-        candidates; its embedding is replaced by ``one_hot @ E[candidates]``, so the loss equals the
-        token-id loss while the gradient ranks every candidate at once.
-
-        Args:
-            scores_out: If given, receives each sequence's :class:`SequenceScore` from the same
-                forward pass (the current instruction's score comes for free with its gradient).
-            prefix: Cached prefixes ending right before ``position`` (from :meth:`prefill`); only the
-                rest of each sequence is then run forward and backward.
-            kept: Per sequence, a :class:`KeptGradient` from an earlier position of the same
-                sequence, or ``None``. Sequences whose kept gradient covers ``position`` are not run
-                again (this needs ``prefix``: its next-token distributions give their fluency part).
-            kept_out: If given, receives one :class:`KeptGradient` per sequence, in order.
-            edited_fluency: Whether the fluency term's own entry at ``position`` (the edited token's
-                log-probability after its prefix) reaches the gradient. ``False`` keeps its value
-                (the current token's) but not its gradient, as the authors' code scores the old token
-                there: the fluency term then ranks candidates only by their effect on later tokens.
-
-        Returns:
-            The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
-        """
-        current = {s.ids[s.instruction_start + position] for s in seqs}
-        if len(current) != 1 or next(iter(current)) not in candidates:
-            raise ValueError("All sequences must hold the same current token, and it must be a candidate.")
-        if prefix is not None and any(len(p) != s.instruction_start + position for s, p in zip(seqs, prefix.ids)):
-            raise ValueError("The cached prefixes must end right before the edited position.")
-        reused = [i for i, k in enumerate(kept or []) if k is not None and k.covers(position)]
-        if reused and prefix is None:
-            raise ValueError("Kept gradients need the prefix of this position (its next-token distributions).")
-        run = sorted(set(range(len(seqs))) - set(reused))
-        cand = torch.tensor(candidates, device=self.device)
-        one_hot = torch.zeros(len(candidates), device=self.device, dtype=self.embedding_matrix.dtype)
-        one_hot[candidates.index(next(iter(current)))] = 1.0
-        one_hot.requires_grad_(True)
-        # The embedding module (not its raw weight) applies any scaling the architecture uses (Gemma).
-        candidate_rows = self.model.get_input_embeddings()(cand).detach()
-        def mixed_logprob(logprobs: torch.Tensor) -> torch.Tensor:
-            value = one_hot @ logprobs[cand].to(one_hot.dtype)
-            return value if edited_fluency else value.detach()
-
-        total, n = 0.0, len(seqs)
-        row_scores: dict[int, SequenceScore] = {}
-        row_kept: dict[int, KeptGradient] = {}
-        run_seqs = [seqs[i] for i in run]
-        run_prefix = self._usable_prefix(prefix, run_seqs, run)
-        for indices, chunk, prefix_chunk, tails, rows in self._batches(run_seqs, run_prefix, run):
-            ids, mask = self._padded(tails)
-            embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(kept_out is not None)
-            index = torch.arange(len(chunk), device=self.device)
-            offsets = prefix_chunk.lengths if prefix_chunk else [0] * len(chunk)
-            cols = [s.instruction_start + position - n_prefix for s, n_prefix in zip(chunk, offsets)]
-            mixed = (one_hot @ candidate_rows).expand(len(chunk), -1)
-            hidden = self._hidden(mask, embeds=embeds.index_put((index, torch.tensor(cols, device=self.device)), mixed),
-                                  prefix=prefix_chunk)
-            losses, fluencies, correct = self._span_terms(
-                hidden, chunk, answer_temperature, prefix=run_prefix, rows=rows, edited=(position, mixed_logprob))
-            loss = sum(a + fluency_weight * f for a, f in zip(losses, fluencies)) / n
-            loss.backward()
-            total += float(loss.detach())
-            for local, (i, seq) in enumerate(zip(rows, chunk)):
-                row_scores[i] = SequenceScore(float(losses[local].detach()), correct[local], float(fluencies[local].detach()))
-                if kept_out is not None:
-                    later = slice(cols[local] + 1, cols[local] + seq.instruction_end - seq.instruction_start - position)
-                    # The backward pass saw each sequence's loss divided by n.
-                    row_kept[i] = KeptGradient(row_scores[i], position + 1, embeds.grad[local, later].float() * n)
-        grad = one_hot.grad.detach().float() if run else torch.zeros(len(candidates), device=self.device)
-        if reused:
-            from_kept = torch.zeros_like(grad)
-            for i in reused:
-                k = kept[i]
-                from_kept += candidate_rows.float() @ k.embedding_grads[position - k.start]
-                if edited_fluency:  # log p(candidate | prefix): the fluency term's own part
-                    from_kept -= fluency_weight * prefix.next_logprobs[i].to(self.device)[cand] / _fluency_count(seqs[i])
-                total += (k.score.answer_loss + fluency_weight * k.score.fluency) / n
-                row_scores[i], row_kept[i] = k.score, k
-            grad = grad + from_kept / n
-        if scores_out is not None:
-            scores_out += [row_scores[i] for i in range(n)]
-        if kept_out is not None:
-            kept_out += [row_kept[i] for i in range(n)]
-        return total, grad.cpu()
-
-
-def _fluency_count(seq: Sequence) -> int:
-    """How many instruction tokens the fluency term averages over (each has a token before it)."""
-    return seq.instruction_end - max(seq.instruction_start, 1)
+        """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction
+        position (shape ``[len(candidates)]``, on CPU); see :func:`~dspy_greater.engine.gradient.one_hot_gradient`."""
+        return gradient.one_hot_gradient(
+            self, seqs, position, candidates, answer_temperature=answer_temperature, fluency_weight=fluency_weight,
+            scores_out=scores_out, prefix=prefix, kept=kept, kept_out=kept_out, edited_fluency=edited_fluency)
