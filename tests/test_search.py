@@ -542,6 +542,24 @@ def test_generation_batch_room_is_filled_from_the_pool(lm, layout, navigate, mon
 
 
 @pytest.mark.slow
+def test_sampled_reasoning_comes_from_the_searchs_own_generator(lm, layout, navigate):
+    """With reasoning_temperature > 0 a run draws its reasoning from a generator seeded with
+    config.seed: the same seed gives the same run, another seed other reasoning, and torch's global
+    random state is left as it was."""
+    extractor, nav = navigate
+    settings = dict(num_steps=1, batch_size=2, max_reasoning_tokens=6, num_finalists=1, eval_every=1,
+                    reasoning_temperature=1.5)
+    before = torch.get_rng_state()
+    searches = [_search(lm, layout, extractor, **settings, seed=seed) for seed in (5, 5, 6)]
+    results = [search.run("Be brief.", nav[:2], nav[2:3]) for search in searches]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert searches[0]._reasoning == searches[1]._reasoning
+    same = [[(r.candidates, r.chosen, r.loss, r.instruction) for r in result.trace] for result in results[:2]]
+    assert same[0] == same[1] and results[0].best_heldout == results[1].best_heldout
+    assert searches[0]._reasoning != searches[2]._reasoning
+
+
+@pytest.mark.slow
 def test_reasoning_under_several_instructions_is_generated_in_one_call(lm, layout, navigate, monkeypatch):
     """Rows of different instructions share generation batches and get what each gets alone."""
     extractor, nav = navigate

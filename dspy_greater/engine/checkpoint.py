@@ -1,19 +1,25 @@
 """Atomic JSON checkpoints of a search, so an interrupted run resumes where it stopped.
 
 A checkpoint is plain JSON (no pickle): the search state after the last completed step, the
-random-number states and a fingerprint of everything that must match for a resume to be exact
-(data, configuration, model, layout, initial instruction). Files are replaced atomically, so a
-crash while writing leaves the previous checkpoint intact.
+states of the search's random generators and a fingerprint of everything that must match for a
+resume to be exact (data, configuration, model, layout, initial instruction). Files are replaced
+atomically, so a crash while writing leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import random
 import tempfile
 from typing import Any
+
+import torch
+
+from dspy_greater.engine.records import Evaluation, StepRecord, _RunState
 
 FORMAT = "dspy_greater.engine.checkpoint/1"
 
@@ -65,3 +71,46 @@ def load(path: str | os.PathLike, expected_fingerprint: str) -> dict[str, Any] |
             f"The checkpoint {path} was written for a different run (other examples, settings, optimizer model "
             "or initial instruction). Delete it to start afresh, or pass another checkpoint directory.")
     return state
+
+
+def save_run(
+    path: str | os.PathLike, stamp: str, state: _RunState, reasoning: dict[tuple[str, tuple[int, ...]], list[int]],
+    rng: random.Random, sampling_rng: torch.Generator, elapsed: float,
+) -> None:
+    """Save a run after its last completed step: its state, the reasoning generated so far (keyed by
+    ``(inputs_text, instruction ids)``), the states of its random generators and ``elapsed`` seconds."""
+    version, internal, gauss = rng.getstate()
+    save(path, {
+        "fingerprint": stamp,
+        "next_step": state.next_step,
+        "position": state.position,
+        "instruction": state.instruction,
+        "initial": state.initial,
+        "seen": [{"ids": list(ids), "predictions": ev.predictions, "labels": ev.labels, "mean_loss": ev.mean_loss}
+                 for ids, ev in state.seen.items()],
+        "trace": [dataclasses.asdict(r) for r in state.trace],
+        "reasoning": [[text, list(ids), out] for (text, ids), out in reasoning.items()],
+        "python_rng": [version, list(internal), gauss],
+        "torch_rng": sampling_rng.get_state().tolist(),
+        "elapsed": elapsed,
+    })
+
+
+def restore_run(
+    saved: dict[str, Any], rng: random.Random, sampling_rng: torch.Generator
+) -> tuple[_RunState, dict[tuple[str, tuple[int, ...]], list[int]]]:
+    """The run state and reasoning of a checkpoint from :func:`load`; ``rng`` and ``sampling_rng``
+    are set to their saved states."""
+    version, internal, gauss = saved["python_rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    sampling_rng.set_state(torch.tensor(saved["torch_rng"], dtype=torch.uint8))
+    state = _RunState(
+        instruction=saved["instruction"],
+        initial=saved["initial"],
+        seen={tuple(e["ids"]): Evaluation(e["predictions"], e["labels"], e["mean_loss"]) for e in saved["seen"]},
+        position=saved["position"],
+        next_step=saved["next_step"],
+        trace=[StepRecord(**r) for r in saved["trace"]],
+        elapsed=saved["elapsed"],
+    )
+    return state, {(text, tuple(ids)): out for text, ids, out in saved["reasoning"]}
