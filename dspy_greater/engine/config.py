@@ -55,6 +55,7 @@ class GreaterConfig:
         answer_temperature: Logits are divided by this in the answer loss (sharpens it). Paper: 0.2.
         max_reasoning_tokens: Length bound of the generated reasoning. Paper: 1024.
         reasoning_temperature: 0 is greedy (paper's research code); the authors' library samples at 0.2.
+            Sampled reasoning is drawn from a generator seeded with ``seed``.
         finalist_scoring: ``"regenerate"`` regenerates the reasoning under every finalist before
             scoring it (paper); ``"teacher_forced"`` scores finalists on the current reasoning and
             regenerates only for the winner, which the next step needs anyway.
@@ -88,10 +89,10 @@ class GreaterConfig:
         checkpoint_every: With a checkpoint file, rewrite it every this many steps (and at the end).
         prefix_cache: Run each example's inputs and the instruction up to the edited position
             once per step, and reuse that key/value cache for the proposals, the gradient and every
-            finalist's scoring. Same results (to float rounding), about 2-3x less compute per step.
+            finalist's scoring. Same results (to float rounding), for less compute per step.
         reuse_gradients: With ``prefix_cache`` and ``keep_current``, keep each example's gradient
             pass for the later positions of the same instruction: its backward pass already holds
-            them (see :class:`~dspy_greater.engine.model.KeptGradient`), so after a step that kept the
+            them (see :class:`~dspy_greater.engine.gradient.KeptGradient`), so after a step that kept the
             current token the next gradient runs only for examples not yet seen under it. Same
             results up to float rounding.
         inputs_cache_mb: With ``prefix_cache``, memory for the examples' inputs' key/value caches
@@ -99,7 +100,8 @@ class GreaterConfig:
             recently used dropped first; ``0`` keeps none). Like ``model_batch_size``, it is given
             to the :class:`~dspy_greater.engine.model.OptimizerLM` the teleprompter builds.
         answer_tokens: Tokens generated after the extractor when free-form answers are evaluated.
-        seed: Seed for Python, NumPy and torch.
+        seed: Seed of the search's own random generators (the examples drawn per step, the
+            intersected subsets, sampled reasoning); the search never touches the global random state.
     """
 
     num_steps: int = 10
@@ -138,7 +140,8 @@ class GreaterConfig:
 
     @classmethod
     def faithful(cls, **overrides) -> GreaterConfig:
-        """The paper's protocol step for step (expensive: hours per task even on GPUs)."""
+        """The paper's protocol step for step (expensive: all examples every step, long reasoning
+        regenerated under every finalist)."""
         paper = dict(
             num_steps=100, batch_size=None, max_reasoning_tokens=1024, finalist_scoring="regenerate",
             keep_current=False, current_competes=True, sentence_end_accept=True, growth_token="!",

@@ -24,9 +24,7 @@ What the search uses of a layout: ``name``, ``separator``, ``encode``, ``decode`
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
