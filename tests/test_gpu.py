@@ -82,6 +82,23 @@ def test_the_one_hot_gradient_is_finite_and_ranks_every_candidate(tiny_llama, ta
     assert grad.shape == (len(candidates),) and torch.isfinite(grad).all() and loss > 0
 
 
+def test_gradient_checkpointing_on_the_device_gives_the_same_gradient(tiny_llama, task):
+    """bfloat16 layers recomputed in the backward pass: the gradient of the plain pass, the model left in
+    eval mode with checkpointing off."""
+    extractor, examples = task
+    search = _search(tiny_llama, extractor)
+    ids = search.layout.encode_instruction("Think step by step.")
+    batch = examples[:3]
+    candidates = search.propose(ids, 1, batch, random.Random(0))
+    seqs = search.sequences(ids, batch, search.reasoning(ids, batch))
+    prefix = search.prefix(ids, 1, batch)
+    plain, checkpointed = (search.lm.one_hot_gradient(seqs, 1, candidates, answer_temperature=0.2, fluency_weight=0.2,
+                                                      prefix=prefix, gradient_checkpointing=flag)[1] for flag in (False, True))
+    assert torch.allclose(checkpointed, plain, rtol=2e-2, atol=1e-3)
+    model = search.lm.model
+    assert not any(m.training or getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 def test_out_of_memory_on_the_device_halves_the_batch_and_completes(tiny_llama, task, monkeypatch):
     extractor, examples = task
     search = _search(tiny_llama, extractor)
@@ -114,4 +131,4 @@ def test_the_gpu_check_passes_its_cpu_dry_run(tmp_path):
     shape = report["shapes"][0]
     assert shape["shape"] == "smollm2-135m" and set(shape["protocols"]) == {"default", "paper"}
     assert all(p["seconds_per_step"] > 0 and p["flops_per_step"] > 0 for p in shape["protocols"].values())
-    assert "4 passed" in (tmp_path / "tests.log").read_text()
+    assert "5 passed" in (tmp_path / "tests.log").read_text()

@@ -102,6 +102,14 @@ class GreaterConfig:
         answer_tokens: Tokens generated after the extractor when free-form answers are evaluated.
         seed: Seed of the search's own random generators (the examples drawn per step, the
             intersected subsets, sampled reasoning); the search never touches the global random state.
+        gradient_checkpointing: The gradient pass keeps only each decoder layer's input and
+            recomputes the layer's activations in its backward pass (transformers' activation
+            checkpointing): far less memory for long reasoning, for about one more forward pass. The
+            pass then runs whole sequences, without the ``prefix_cache`` (a recomputed layer would
+            extend the cache twice); ``reuse_gradients`` still applies. The search estimates a step's
+            memory before its first step and stops early when a CUDA device cannot hold it even at one
+            sequence per forward pass. Paper: n/a (memory only; same gradient). Not part of a
+            checkpoint file's fingerprint, so an interrupted run may resume with it switched on.
     """
 
     num_steps: int = 10
@@ -134,6 +142,7 @@ class GreaterConfig:
     checkpoint_every: int = 1
     answer_tokens: int = 8
     seed: int = 0
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -181,5 +190,7 @@ class GreaterConfig:
             raise ValueError(f"GreaterConfig.finalist_key must be 'score' or 'loss', got {self.finalist_key!r}.")
         if self.growth_token is not None and (not isinstance(self.growth_token, str) or not self.growth_token):
             raise ValueError(f"GreaterConfig.growth_token must be None or a non-empty text, got {self.growth_token!r}.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"GreaterConfig.gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}.")
         if self.allowed_tokens not in ("words", "ascii", "all"):
             raise ValueError(f"GreaterConfig.allowed_tokens must be 'words', 'ascii' or 'all', got {self.allowed_tokens!r}.")

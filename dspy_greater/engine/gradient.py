@@ -5,10 +5,16 @@ one-hot vector over candidate tokens times their input embeddings), so the loss 
 token-id loss while one backward pass ranks every candidate at once.
 :meth:`OptimizerLM.one_hot_gradient <dspy_greater.engine.model.OptimizerLM.one_hot_gradient>`
 runs :func:`one_hot_gradient` with the model's forward helpers.
+
+With gradient checkpointing (:func:`checkpointed_layers`) the pass keeps only each decoder layer's
+input and recomputes the layer during the backward pass: the same gradient for less memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +63,7 @@ def one_hot_gradient(
     kept: list[KeptGradient | None] | None = None,
     kept_out: list[KeptGradient] | None = None,
     edited_fluency: bool = True,
+    gradient_checkpointing: bool = False,
 ) -> tuple[float, torch.Tensor]:
     """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
 
@@ -78,6 +85,10 @@ def one_hot_gradient(
             log-probability after its prefix) reaches the gradient. ``False`` keeps its value
             (the current token's) but not its gradient, as the authors' code scores the old token
             there: the fluency term then ranks candidates only by their effect on later tokens.
+        gradient_checkpointing: Recompute each decoder layer's activations in the backward pass
+            instead of keeping them (:func:`checkpointed_layers`). A recomputed layer would append to
+            the prefix's key/value cache a second time, so the sequences then run whole, without the
+            cache; ``prefix`` still gives the next-token distributions that ``kept`` gradients need.
 
     Returns:
         The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
@@ -89,7 +100,8 @@ def one_hot_gradient(
     run = sorted(set(range(len(seqs))) - set(reused))
     one_hot = _OneHotPass(lm, position, candidates, current, len(seqs), answer_temperature=answer_temperature,
                           fluency_weight=fluency_weight, edited_fluency=edited_fluency)
-    one_hot.run([seqs[i] for i in run], run, prefix, keep=kept_out is not None)
+    with checkpointed_layers(lm.model) if gradient_checkpointing and run else contextlib.nullcontext():
+        one_hot.run([seqs[i] for i in run], run, None if gradient_checkpointing else prefix, keep=kept_out is not None)
     grad = one_hot.gradient() if run else torch.zeros(len(candidates), device=lm.device)
     if reused:
         grad = grad + one_hot.from_kept(seqs, reused, kept, prefix, torch.zeros_like(grad)) / len(seqs)
@@ -98,6 +110,66 @@ def one_hot_gradient(
     if kept_out is not None:
         kept_out += [one_hot.kept[i] for i in range(len(seqs))]
     return one_hot.total, grad.cpu()
+
+
+_CHECKPOINT_ATTRIBUTES = ("gradient_checkpointing", "_gradient_checkpointing_func")
+_INPUT_GRAD_HOOKS = ("_require_grads_hooks", "_require_grads_hook")
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s decoder layers recompute their activations in the backward pass.
+
+    Turns on transformers' activation checkpointing (non-reentrant ``torch.utils.checkpoint``). Its
+    layers checkpoint only in training mode, so the decoder-layer modules alone (not their submodules:
+    dropout and attention stay in eval mode) are put in training mode; they then compute what they
+    compute in eval mode. The model is left exactly as it was on the way out, also on an exception:
+    its modes, its checkpointing flags, and no input-gradient hook added by the switch.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layers that transformers can checkpoint; "
+                         "set GreaterConfig.gradient_checkpointing=False.")
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    saved = [(m, {k: m.__dict__[k] for k in _CHECKPOINT_ATTRIBUTES if k in m.__dict__}) for m in flagged]
+    hooks = {k: model.__dict__[k] for k in _INPUT_GRAD_HOOKS if k in model.__dict__}
+    modes = [m.training for m in layers]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the older name, where the newer one is missing
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in layers:
+            layer.training = True
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        for module, attributes in saved:
+            for name in _CHECKPOINT_ATTRIBUTES:
+                if name in attributes:
+                    setattr(module, name, attributes[name])
+                else:
+                    module.__dict__.pop(name, None)
+        _restore_input_grad_hooks(model, hooks)
+
+
+def _restore_input_grad_hooks(model: torch.nn.Module, hooks: dict) -> None:
+    """Remove the input-embedding hooks that turning checkpointing on added, and put back any from before."""
+    before = {id(h) for h in hooks.get("_require_grads_hooks", [])} | {id(hooks.get("_require_grads_hook"))}
+    added = [*model.__dict__.get("_require_grads_hooks", []), model.__dict__.get("_require_grads_hook")]
+    for hook in added:
+        if hook is not None and id(hook) not in before:
+            hook.remove()
+    for name in _INPUT_GRAD_HOOKS:
+        if name in hooks:
+            setattr(model, name, hooks[name])
+        else:
+            model.__dict__.pop(name, None)
 
 
 def _current_token(seqs: list[Sequence], position: int, candidates: list[int], prefix: Prefix | None) -> int:

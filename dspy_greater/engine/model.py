@@ -419,9 +419,11 @@ class OptimizerLM:
         kept: list[KeptGradient | None] | None = None,
         kept_out: list[KeptGradient] | None = None,
         edited_fluency: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> tuple[float, torch.Tensor]:
         """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction
         position (shape ``[len(candidates)]``, on CPU); see :func:`~dspy_greater.engine.gradient.one_hot_gradient`."""
         return gradient.one_hot_gradient(
             self, seqs, position, candidates, answer_temperature=answer_temperature, fluency_weight=fluency_weight,
-            scores_out=scores_out, prefix=prefix, kept=kept, kept_out=kept_out, edited_fluency=edited_fluency)
+            scores_out=scores_out, prefix=prefix, kept=kept, kept_out=kept_out, edited_fluency=edited_fluency,
+            gradient_checkpointing=gradient_checkpointing)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from dspy_greater.engine import checkpoint as checkpoint_io
+from dspy_greater.engine import memory
 from dspy_greater.engine.config import GreaterConfig
 from dspy_greater.engine.extractor import Extractor
 from dspy_greater.engine.gradient import KeptGradient
@@ -205,6 +206,7 @@ class GreaterSearch:
         heldout = heldout or train
         stamp = self._fingerprint(initial_instruction, train, heldout)
         saved = checkpoint_io.load(checkpoint, stamp) if checkpoint is not None else None
+        memory.check_search_memory(self, initial_instruction, [*train, *heldout])  # raises if a step cannot fit
         rng = random.Random(cfg.seed)
         self.sampling_rng.manual_seed(cfg.seed)
         state = self._start(initial_instruction, heldout, saved, rng)
@@ -268,7 +270,8 @@ class GreaterSearch:
 
     def _fingerprint(self, initial_instruction: str, train: list[SearchExample], heldout: list[SearchExample]) -> str:
         """What a checkpoint must match to be resumed by this run."""
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("num_steps", "checkpoint_every")}
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items()
+                    if k not in ("num_steps", "checkpoint_every", "gradient_checkpointing")}
         return checkpoint_io.fingerprint({
             "initial_instruction": initial_instruction,
             "train": [dataclasses.astuple(ex) for ex in train],
@@ -373,6 +376,7 @@ class GreaterSearch:
             scores_out=current_scores, prefix=prefix,
             kept=[self._kept_gradients.get((ex, key)) for ex in batch] if reuse else None,
             kept_out=kept_out if reuse else None, edited_fluency=cfg.edited_fluency,
+            gradient_checkpointing=cfg.gradient_checkpointing,
         )
         if reuse:
             self._kept_gradients = {k: g for k, g in self._kept_gradients.items() if k[1] == key}
