@@ -10,5 +10,6 @@
   ``losses`` (answer loss and fluency), ``kv_cache`` (prefix and inputs caches), ``sampling``
   (sampled generation from a local generator) and ``vocabulary`` (allowed tokens);
 - ``layout`` (the paper's token layout), ``extractor`` (answer formats), ``checkpoint`` (saving
-  and resuming a run), ``text`` (text shared with the target-side adapter).
+  and resuming a run), ``memory`` (a step's memory, estimated and checked before the first step),
+  ``text`` (text shared with the target-side adapter).
 """
