@@ -406,24 +406,6 @@ class OptimizerLM:
                 scores[i] = SequenceScore(float(a), c, float(f), p)
         return scores
 
-    def one_hot_gradient(
-        self,
-        seqs: list[Sequence],
-        position: int,
-        candidates: list[int],
-        *,
-        answer_temperature: float,
-        fluency_weight: float,
-        scores_out: list[SequenceScore] | None = None,
-        prefix: Prefix | None = None,
-        kept: list[KeptGradient | None] | None = None,
-        kept_out: list[KeptGradient] | None = None,
-        edited_fluency: bool = True,
-        gradient_checkpointing: bool = False,
-    ) -> tuple[float, torch.Tensor]:
-        """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction
-        position (shape ``[len(candidates)]``, on CPU); see :func:`~dspy_greater.engine.gradient.one_hot_gradient`."""
-        return gradient.one_hot_gradient(
-            self, seqs, position, candidates, answer_temperature=answer_temperature, fluency_weight=fluency_weight,
-            scores_out=scores_out, prefix=prefix, kept=kept, kept_out=kept_out, edited_fluency=edited_fluency,
-            gradient_checkpointing=gradient_checkpointing)
+    # Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position, with this
+    # model as its first argument: see gradient.one_hot_gradient.
+    one_hot_gradient = gradient.one_hot_gradient
