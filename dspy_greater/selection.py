@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 
 import dspy
+from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import AdapterParseError
 
 from dspy_greater.engine.search import SearchResult
@@ -77,10 +78,10 @@ def select_on_target(program: dspy.Module, name: str, task: PredictorTask, resul
     model = str(getattr(lm, "model", type(lm).__name__))
     logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): at most %d calls.",
                 len(candidates), len(valset), model, source, estimate)
-    with dspy.track_usage() as usage:
-        scores, errors, unparsed = _score_candidates(program, name, candidates, valset, adapter, setting)
-    calls = sum(len(entries) for entries in usage.usage_data.values())
-    tokens = sum(int(total.get("total_tokens") or 0) for total in usage.get_total_tokens().values())
+    calls = _CallCounter()
+    # DSPy's usage tracking: each prediction carries its LM usage (worker threads keep their own trackers).
+    with dspy.context(track_usage=True, callbacks=[*(dspy.settings.callbacks or []), calls]):
+        scores, errors, unparsed, tokens = _score_candidates(program, name, candidates, valset, adapter, setting)
     if scores and not any(scores.values()) and len(unparsed) == len(scores):
         warnings.once("unparsed", "GReaTer: every instruction scored 0 on the target LM %s and its replies could not "
                       "be parsed with %s, so the target cannot tell them apart. Run the target with an adapter it can "
@@ -89,20 +90,20 @@ def select_on_target(program: dspy.Module, name: str, task: PredictorTask, resul
     chosen = max(scores, key=lambda t: (scores[t], -candidates.index(t))) if scores else result.best_instruction
     baseline = scores.get(task.instruction)
     logger.info("Target LM %s (%s): baseline %s, chosen %.1f (%d calls, %d tokens).", model, source,
-                "n/a" if baseline is None else f"{baseline:.1f}", scores.get(chosen, float("nan")), calls, tokens)
-    return TargetSelection(tuple(candidates), scores, errors, unparsed, chosen, baseline, estimate, calls, tokens,
+                "n/a" if baseline is None else f"{baseline:.1f}", scores.get(chosen, float("nan")), calls.count, tokens)
+    return TargetSelection(tuple(candidates), scores, errors, unparsed, chosen, baseline, estimate, calls.count, tokens,
                            source, model)
 
 
 def _score_candidates(program, name: str, candidates: list[str], valset: list, adapter,
-                      setting: TargetSetting) -> tuple[dict, dict, dict]:
-    """(scores, errors, unparsed) of each candidate instruction on ``valset``; a target that fails on
-    every example of one candidate is not asked again."""
+                      setting: TargetSetting) -> tuple[dict, dict, dict, int]:
+    """(scores, errors, unparsed, tokens) of the candidate instructions on ``valset``; a target that fails
+    on every example of one candidate is not asked again."""
     metric_failures: list[Exception] = []  # dspy.Evaluate would score a raising metric 0 silently
     evaluate = dspy.Evaluate(devset=list(valset), metric=recording_failures(setting.metric, metric_failures),
                              num_threads=setting.num_threads, display_progress=setting.progress,
                              provide_traceback=False, max_errors=len(valset) + 1)
-    scores, errors, unparsed, target_down = {}, {}, {}, None
+    scores, errors, unparsed, target_down, tokens = {}, {}, {}, None, 0
     for text in candidates:
         if target_down:
             errors[text] = f"skipped: {target_down}"
@@ -132,9 +133,31 @@ def _score_candidates(program, name: str, candidates: list[str], valset: list, a
                 target_down = "the metric raised on every example of the previous candidate"
             continue
         scores[text] = float(outcome.score)
+        tokens += _tokens(outcome.results)
         if failures:
             unparsed[text] = len(failures)
-    return scores, errors, unparsed
+    return scores, errors, unparsed, tokens
+
+
+def _tokens(results) -> int:
+    """Total tokens of the LM usage each prediction of a ``dspy.Evaluate`` run carries."""
+    total = 0
+    for _, prediction, _ in results:
+        usage = prediction.get_lm_usage() if isinstance(prediction, dspy.Prediction) else None
+        total += sum(int((entry or {}).get("total_tokens") or 0) for entry in (usage or {}).values())
+    return total
+
+
+class _CallCounter(BaseCallback):
+    """Counts finished target-LM calls (in every thread ``dspy.Evaluate`` runs)."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def on_lm_end(self, call_id, outputs, exception=None):
+        with self._lock:
+            self.count += 1
 
 
 def _scoring_adapter(task: PredictorTask):
