@@ -26,8 +26,8 @@ class TargetSelection:
         chosen: The instruction with the best score (the search's best when none scored).
         baseline: The program's own instruction's score.
         estimated_calls: The most target-LM calls the selection could take (told before it ran).
-        calls: Target-LM calls made (cache hits included).
-        tokens: Their total tokens, from DSPy's usage tracking (cache hits cost none).
+        calls: Target-LM calls that returned (cache hits included).
+        tokens: Their total tokens, from DSPy's usage tracker (cache hits cost none).
         target_lm: ``"predictor.lm"`` or ``"dspy.settings.lm"``.
         target_model: The target LM's model name.
     """

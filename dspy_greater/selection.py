@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import dspy
 from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.usage_tracker import UsageTracker
 
 from dspy_greater.engine.search import SearchResult
 from dspy_greater.planning import PredictorTask
@@ -78,10 +79,10 @@ def select_on_target(program: dspy.Module, name: str, task: PredictorTask, resul
     model = str(getattr(lm, "model", type(lm).__name__))
     logger.info("Scoring %d instructions on %d valset examples on the target LM %s (%s): at most %d calls.",
                 len(candidates), len(valset), model, source, estimate)
-    calls = _CallCounter()
-    # DSPy's usage tracking: each prediction carries its LM usage (worker threads keep their own trackers).
-    with dspy.context(track_usage=True, callbacks=[*(dspy.settings.callbacks or []), calls]):
-        scores, errors, unparsed, tokens = _score_candidates(program, name, candidates, valset, adapter, setting)
+    calls, usage = _CallCounter(), _SharedUsage()
+    with dspy.context(usage_tracker=usage, callbacks=[*(dspy.settings.callbacks or []), calls]):
+        scores, errors, unparsed = _score_candidates(program, name, candidates, valset, adapter, setting)
+    tokens = sum(int(total.get("total_tokens") or 0) for total in usage.get_total_tokens().values())
     if scores and not any(scores.values()) and len(unparsed) == len(scores):
         warnings.once("unparsed", "GReaTer: every instruction scored 0 on the target LM %s and its replies could not "
                       "be parsed with %s, so the target cannot tell them apart. Run the target with an adapter it can "
@@ -96,14 +97,14 @@ def select_on_target(program: dspy.Module, name: str, task: PredictorTask, resul
 
 
 def _score_candidates(program, name: str, candidates: list[str], valset: list, adapter,
-                      setting: TargetSetting) -> tuple[dict, dict, dict, int]:
-    """(scores, errors, unparsed, tokens) of the candidate instructions on ``valset``; a target that fails
-    on every example of one candidate is not asked again."""
+                      setting: TargetSetting) -> tuple[dict, dict, dict]:
+    """(scores, errors, unparsed) of the candidate instructions on ``valset``; a target that fails on
+    every example of one candidate is not asked again."""
     metric_failures: list[Exception] = []  # dspy.Evaluate would score a raising metric 0 silently
     evaluate = dspy.Evaluate(devset=list(valset), metric=recording_failures(setting.metric, metric_failures),
                              num_threads=setting.num_threads, display_progress=setting.progress,
                              provide_traceback=False, max_errors=len(valset) + 1)
-    scores, errors, unparsed, target_down, tokens = {}, {}, {}, None, 0
+    scores, errors, unparsed, target_down = {}, {}, {}, None
     for text in candidates:
         if target_down:
             errors[text] = f"skipped: {target_down}"
@@ -133,31 +134,39 @@ def _score_candidates(program, name: str, candidates: list[str], valset: list, a
                 target_down = "the metric raised on every example of the previous candidate"
             continue
         scores[text] = float(outcome.score)
-        tokens += _tokens(outcome.results)
         if failures:
             unparsed[text] = len(failures)
-    return scores, errors, unparsed, tokens
+    return scores, errors, unparsed
 
 
-def _tokens(results) -> int:
-    """Total tokens of the LM usage each prediction of a ``dspy.Evaluate`` run carries."""
-    total = 0
-    for _, prediction, _ in results:
-        usage = prediction.get_lm_usage() if isinstance(prediction, dspy.Prediction) else None
-        total += sum(int((entry or {}).get("total_tokens") or 0) for entry in (usage or {}).values())
-    return total
+class _SharedUsage(UsageTracker):
+    """DSPy's usage tracker, one for every thread: ``dspy.Evaluate`` gives each worker thread a copy of
+    the tracker in effect, which would keep the usage of its calls (those that failed to parse too)
+    from this one."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def add_usage(self, lm: str, usage_entry: dict) -> None:
+        with self._lock:
+            super().add_usage(lm, usage_entry)
 
 
 class _CallCounter(BaseCallback):
-    """Counts finished target-LM calls (in every thread ``dspy.Evaluate`` runs)."""
+    """Counts the target-LM calls that returned (in every thread ``dspy.Evaluate`` runs; cache hits too)."""
 
     def __init__(self):
         self.count = 0
         self._lock = threading.Lock()
 
     def on_lm_end(self, call_id, outputs, exception=None):
-        with self._lock:
-            self.count += 1
+        if exception is None:
+            with self._lock:
+                self.count += 1
 
 
 def _scoring_adapter(task: PredictorTask):

@@ -71,13 +71,19 @@ def test_generation_runs_to_the_token_limit(tiny_llama, task):
     assert [len(r) <= 6 for r in reasoning] == [True] * 3 and any(len(r) == 6 for r in reasoning)
 
 
-def test_the_one_hot_gradient_is_finite_and_ranks_every_candidate(tiny_llama, task):
+def _gradient_step(tiny_llama, task):
+    """(search, sequences, candidates, prefix) of a gradient at instruction position 1 on three examples."""
     extractor, examples = task
     search = _search(tiny_llama, extractor)
     ids = search.layout.encode_instruction("Think step by step.")
     batch = examples[:3]
     candidates = search.propose(ids, 1, batch, random.Random(0))
     seqs = search.sequences(ids, batch, search.reasoning(ids, batch))
+    return search, seqs, candidates, search.prefix(ids, 1, batch)
+
+
+def test_the_one_hot_gradient_is_finite_and_ranks_every_candidate(tiny_llama, task):
+    search, seqs, candidates, _ = _gradient_step(tiny_llama, task)
     loss, grad = search.lm.one_hot_gradient(seqs, 1, candidates, answer_temperature=0.2, fluency_weight=0.2)
     assert grad.shape == (len(candidates),) and torch.isfinite(grad).all() and loss > 0
 
@@ -85,13 +91,7 @@ def test_the_one_hot_gradient_is_finite_and_ranks_every_candidate(tiny_llama, ta
 def test_gradient_checkpointing_on_the_device_gives_the_same_gradient(tiny_llama, task):
     """bfloat16 layers recomputed in the backward pass: the gradient of the plain pass, the model left in
     eval mode with checkpointing off."""
-    extractor, examples = task
-    search = _search(tiny_llama, extractor)
-    ids = search.layout.encode_instruction("Think step by step.")
-    batch = examples[:3]
-    candidates = search.propose(ids, 1, batch, random.Random(0))
-    seqs = search.sequences(ids, batch, search.reasoning(ids, batch))
-    prefix = search.prefix(ids, 1, batch)
+    search, seqs, candidates, prefix = _gradient_step(tiny_llama, task)
     plain, checkpointed = (search.lm.one_hot_gradient(seqs, 1, candidates, answer_temperature=0.2, fluency_weight=0.2,
                                                       prefix=prefix, gradient_checkpointing=flag)[1] for flag in (False, True))
     assert torch.allclose(checkpointed, plain, rtol=2e-2, atol=1e-3)
