@@ -50,3 +50,14 @@ def test_no_import_cycles():
 
     cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
     assert not cycles, f"import cycle: {' -> '.join(cycles[0])}"
+
+
+def test_no_class_over_400_lines_and_no_function_over_80():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            size = (node.end_lineno or node.lineno) - node.lineno + 1 if hasattr(node, "end_lineno") else 0
+            limit = 400 if isinstance(node, ast.ClassDef) else 80
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and size > limit:
+                too_long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({size} lines)")
+    assert not too_long, "split these: " + ", ".join(too_long)
