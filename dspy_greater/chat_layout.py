@@ -15,7 +15,7 @@ import dspy
 from dspy.adapters.chat_adapter import field_header_pattern
 from transformers import PreTrainedTokenizerBase
 
-from dspy_greater.engine.layout import SENTINEL, GreaterLayout, Sequence
+from dspy_greater.engine.layout import SENTINEL, GreaterLayout
 from dspy_greater.engine.text import REASONING_FIELDS, SEPARATOR
 
 logger = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ def select_on_target(program: dspy.Module, name: str, task: PredictorTask, resul
     if task.instruction not in candidates:
         candidates.append(task.instruction)  # the program's own instruction, the baseline, is always measured
     lm, source = target_lm(dict(program.named_predictors())[name])
-    adapter = _scoring_adapter(task)
+    adapter = adapter_with({task.output_field: task.extractor})  # scores in the search's answer format
     warn_layout_mismatch(setting.layout_name, adapter, warnings)
     estimate = len(candidates) * len(valset) * calls_per_prediction(adapter) * len(program.named_predictors())
     model = str(getattr(lm, "model", type(lm).__name__))
@@ -169,12 +169,14 @@ class _CallCounter(BaseCallback):
                 self.count += 1
 
 
-def _scoring_adapter(task: PredictorTask):
-    """The configured adapter; a ``GReaTerAdapter`` scores in the search's own answer format."""
+def adapter_with(extractors: dict):
+    """The configured adapter; a ``GReaTerAdapter`` also gets ``extractors`` for fields it has none for."""
     adapter = dspy.settings.adapter
-    if isinstance(adapter, GReaTerAdapter) and task.output_field not in adapter.extractors:
-        adapter = copy.copy(adapter)
-        adapter.extractors = {**adapter.extractors, task.output_field: task.extractor}
+    if isinstance(adapter, GReaTerAdapter):
+        missing = {k: v for k, v in extractors.items() if k not in adapter.extractors}
+        if missing:
+            adapter = copy.copy(adapter)
+            adapter.extractors = {**missing, **adapter.extractors}
     return adapter
 
 

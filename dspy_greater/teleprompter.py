@@ -10,7 +10,6 @@ with the results (:mod:`results`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import difflib
 import logging
@@ -33,10 +32,9 @@ from dspy_greater.planning import (ContextTooLong, Plan, PredictorTask, check_co
                                    predictor_task, split_heldout, why_not)
 from dspy_greater.program_runs import Runs, run_program
 from dspy_greater.results import PredictorResult, SkippedPredictor, attach, evaluation_dict
-from dspy_greater.selection import (TargetSetting, Warnings, program_with, select_on_target, selects_on_target,
-                                    target_lm)
+from dspy_greater.selection import (TargetSetting, Warnings, adapter_with, program_with, select_on_target,
+                                    selects_on_target, target_lm)
 from dspy_greater.start import PROGRAM_INSTRUCTION, is_generated_instruction, reasoning_instruction
-from dspy_greater.targets.adapter import GReaTerAdapter
 from dspy_greater.targets.generation import CompletionServerGenerator, check_generation_server, server_address
 from dspy_greater.validation import build_config, check_instruction
 
@@ -252,7 +250,7 @@ class GReaTerTeleprompter(Teleprompter):
             reason = stopped or why_not(plan, target_ready, self.metric is not None)
             if reason is None:
                 try:
-                    with dspy.context(adapter=_adapter_with(run.extractors)):
+                    with dspy.context(adapter=adapter_with(run.extractors)):
                         outcome = self._optimize(run, plan)
                 except KeyboardInterrupt:
                     if run.single:
@@ -492,17 +490,6 @@ def _info_logs(shown: bool):
         yield
     finally:
         package.setLevel(level)
-
-
-def _adapter_with(extractors: dict[str, Extractor]):
-    """The configured adapter; a ``GReaTerAdapter`` also gets ``extractors`` for fields it has none for."""
-    adapter = dspy.settings.adapter
-    if isinstance(adapter, GReaTerAdapter):
-        missing = {k: v for k, v in extractors.items() if k not in adapter.extractors}
-        if missing:
-            adapter = copy.copy(adapter)
-            adapter.extractors = {**missing, **adapter.extractors}
-    return adapter
 
 
 def _plain(value):
