@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import dspy
 
-from dspy_greater.engine.search import Evaluation, SearchResult
+from dspy_greater.engine.search import SearchResult
 from dspy_greater.targets.adapter import keep_extractor
 
 
@@ -107,12 +107,6 @@ class SkippedPredictor:
 
     def to_dict(self) -> dict:
         return {"skipped": True, "reason": self.reason, "instruction": self.instruction}
-
-
-def evaluation_dict(evaluation: Evaluation) -> dict:
-    """An instruction's held-out evaluation as plain data."""
-    return {"accuracy": evaluation.accuracy, "mean_loss": evaluation.mean_loss,
-            "predictions": list(evaluation.predictions)}
 
 
 def attach(program: dspy.Module, results: dict[str, PredictorResult | SkippedPredictor]) -> None:

@@ -31,7 +31,7 @@ from dspy_greater.models.loading import ModelSpec, load_optimizer_model, validat
 from dspy_greater.planning import (ContextTooLong, Plan, PredictorTask, check_context, deduplicated, plan_program,
                                    predictor_task, split_heldout, why_not)
 from dspy_greater.program_runs import Runs, run_program
-from dspy_greater.results import PredictorResult, SkippedPredictor, attach, evaluation_dict
+from dspy_greater.results import PredictorResult, SkippedPredictor, attach
 from dspy_greater.selection import (TargetSetting, Warnings, adapter_with, program_with, select_on_target,
                                     selects_on_target, target_lm)
 from dspy_greater.start import PROGRAM_INSTRUCTION, is_generated_instruction, reasoning_instruction
@@ -298,7 +298,7 @@ class GReaTerTeleprompter(Teleprompter):
         if initial != task.instruction and result.trace:  # the program's own text is the baseline to beat
             own = search.evaluate(search.layout.encode_instruction(task.instruction),
                                   [task.search_example(e, search.layout) for e in heldout or train])
-            program_heldout = evaluation_dict(own)
+            program_heldout = own.to_dict()
             if own.key() > (result.best_heldout["accuracy"], -result.best_heldout["mean_loss"]):
                 chosen = task.instruction
         selection = None

@@ -31,6 +31,10 @@ class Evaluation:
         """Higher is better: accuracy first, then lower answer loss."""
         return (self.accuracy, -self.mean_loss)
 
+    def to_dict(self) -> dict:
+        """Accuracy, mean answer loss and the predictions, as plain data."""
+        return {"accuracy": self.accuracy, "mean_loss": self.mean_loss, "predictions": list(self.predictions)}
+
 
 @dataclass
 class StepRecord:
@@ -90,13 +94,10 @@ class SearchResult:
             initial_instruction=text(state.initial),
             best_instruction=text(list(ranked[0][0])),
             final_instruction=state.trace[-1].instruction if state.trace else text(state.initial),
-            initial_heldout=_eval_dict(state.seen[tuple(state.initial)]),
-            best_heldout=_eval_dict(ranked[0][1]),
-            top_instructions=[{"instruction": text(list(ids)), **_eval_dict(ev)} for ids, ev in ranked[:10]],
+            initial_heldout=state.seen[tuple(state.initial)].to_dict(),
+            best_heldout=ranked[0][1].to_dict(),
+            top_instructions=[{"instruction": text(list(ids)), **ev.to_dict()} for ids, ev in ranked[:10]],
             trace=state.trace,
             **outcome,
         )
 
-
-def _eval_dict(evaluation: Evaluation) -> dict:
-    return {"accuracy": evaluation.accuracy, "mean_loss": evaluation.mean_loss, "predictions": list(evaluation.predictions)}

@@ -37,11 +37,11 @@ from dspy_greater.engine.losses import SequenceScore
 from dspy_greater.engine.model import OptimizerLM
 from dspy_greater.engine.proposals import candidates_from_logprobs, intersect_candidates
 from dspy_greater.engine.reasoning import ReasoningCache
-from dspy_greater.engine.records import Evaluation, SearchExample, SearchResult, StepRecord, _eval_dict, _RunState
+from dspy_greater.engine.records import Evaluation, SearchExample, SearchResult, StepRecord, _RunState
 
 # Also importable from here: the records, and the helpers other layers use.
 __all__ = [
-    "Evaluation", "GreaterSearch", "SearchExample", "SearchResult", "StepRecord", "_eval_dict", "intersect_candidates",
+    "Evaluation", "GreaterSearch", "SearchExample", "SearchResult", "StepRecord", "intersect_candidates",
     "is_out_of_memory",
 ]
 
