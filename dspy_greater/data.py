@@ -1,7 +1,6 @@
 """Task data: the packaged BIG-Bench Hard files and user task files, as ``dspy.Example`` lists.
 
-Files load through ``datasets.load_dataset`` with its local builders (``json``, ``csv``), so
-nothing here touches the Hugging Face hub. BBH files are ``{"examples": [{"input", "target"}]}``;
+Files are read with the standard library (``json``, ``csv``); a ``datasets.Dataset`` works too. BBH files are ``{"examples": [{"input", "target"}]}``;
 their ``input``/``target`` columns map to the ``question``/``answer`` fields by default.
 """
 
@@ -12,6 +11,7 @@ import json
 import os
 import pathlib
 import random
+import re
 from typing import Any, Iterable, Sequence
 
 import dspy
@@ -56,8 +56,8 @@ def load_examples(
 
     ``source`` is a packaged BBH task name (see :func:`bbh_tasks`), a path to a ``.json``
     (BBH's ``{"examples": [...]}`` or a list of records), ``.jsonl``, ``.csv`` or ``.tsv`` file,
-    or an already loaded ``datasets.Dataset`` / ``DatasetDict``. ``split`` is passed to
-    ``datasets`` (so ``"train[:50]"`` works; local files only have ``"train"``).
+    or an already loaded ``datasets.Dataset`` / ``DatasetDict``. ``split`` names a
+    ``DatasetDict``'s split; a local file has one, ``"train"``, or a slice of it (``"train[:50]"``).
 
     ``input_key`` / ``output_key`` name the columns to read; by default the column named like
     the field, else ``input``/``question`` and ``target``/``answer``/``output``/``label``.
@@ -154,24 +154,14 @@ def split_examples(examples: Sequence[Any], sizes: Sequence[int | None], seed: i
 # ---------------------------------------------------------------------- helpers
 
 
-def _load_dataset(source: Any, split: str):
-    import datasets
-
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # reading a local file needs no progress bar
-    try:
-        return _read(datasets, source, split)
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
-def _read(datasets, source: Any, split: str):
-
-    if isinstance(source, datasets.DatasetDict):
-        return source[split]
-    if isinstance(source, datasets.Dataset):
-        return source
+def _load_dataset(source: Any, split: str) -> "_Table":
+    """The rows of ``source`` (a task name, a local file or a ``datasets`` object) as a ``_Table``."""
+    if hasattr(source, "column_names"):  # a datasets.Dataset / DatasetDict; needs no import of datasets
+        if isinstance(source, dict):  # a DatasetDict
+            if split not in source:
+                raise ValueError(f"no split {split!r} in the DatasetDict; its splits: {', '.join(source)}")
+            source = source[split]
+        return _Table(list(source.column_names), source.to_list())
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"cannot load examples from a {type(source).__name__}")
 
@@ -180,45 +170,65 @@ def _read(datasets, source: Any, split: str):
         if path.suffix.lower() in _SUFFIXES or len(path.parts) > 1:
             raise FileNotFoundError(f"no such task file: {str(source)!r}")
         path = bbh_path(str(source))  # raises, listing the packaged tasks
-
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        kwargs = {"field": "examples"} if _has_examples_field(path) else {}
-        return datasets.load_dataset("json", data_files=str(path), split=split, **kwargs)
-    if suffix == ".jsonl":
-        return datasets.load_dataset("json", data_files=str(path), split=split)
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"unsupported task file type {suffix or '(none)'!r} for {str(source)!r}; "
+                         f"use one of {', '.join(_SUFFIXES)}")
+    rows = _read_rows(path, suffix)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return _Table(columns, _slice(rows, split, source))
+
+
+class _Table:
+    """Column names and rows (dicts; a missing cell reads as ``None``)."""
+
+    def __init__(self, column_names: list[str], rows: list[dict]):
+        self.column_names = column_names
+        self.rows = [{c: row.get(c) for c in column_names} for row in rows]
+
+    def __getitem__(self, column: str) -> list:
+        return [row[column] for row in self.rows]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def _read_rows(path: pathlib.Path, suffix: str) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
     if suffix in (".csv", ".tsv"):
-        # Every column as a string: cells stay as written ("007", "2.50"), empty cells are "".
-        delimiter = "\t" if suffix == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as f:
-            header = next(csv.reader(f, delimiter=delimiter), None)
-        if not header:
-            raise ValueError(f"task file {str(source)!r} is empty")
-        features = datasets.Features({name: datasets.Value("string") for name in header})
-        return datasets.load_dataset(
-            "csv", data_files=str(path), split=split, delimiter=delimiter,
-            features=features, keep_default_na=False,
-        )
-    raise ValueError(
-        f"unsupported task file type {suffix or '(none)'!r} for {str(source)!r}; "
-        f"use one of {', '.join(_SUFFIXES)}"
-    )
+        # Every cell as written ("007", "2.50"); an empty cell is "".
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        if not reader.fieldnames:
+            raise ValueError(f"task file {str(path)!r} is empty")
+        return [{k: v for k, v in row.items() if k is not None} for row in reader]
+    try:
+        data = json.loads(text) if suffix == ".json" and text.lstrip()[:1] in ("{", "[") else None
+    except json.JSONDecodeError:
+        data = None  # JSON lines in a .json file
+    if data is None:
+        data = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {number} of {str(path)!r} is not JSON: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("examples"), list):
+        data = data["examples"]  # BBH's {"examples": [...]}
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise ValueError(f"{str(path)!r} must hold a list of records (objects), one per example, or "
+                         f"BBH's {{\"examples\": [...]}}")
+    return data
 
 
-def _has_examples_field(path: pathlib.Path) -> bool:
-    """Whether a .json file is a single object with an ``examples`` list (BBH's format)."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-        if head != "{":
-            return False
-        f.seek(0)
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError:  # JSON lines in a .json file
-            return False
-    return isinstance(data, dict) and isinstance(data.get("examples"), list)
+def _slice(rows: list, split: str, source: Any) -> list:
+    """``rows`` for ``split``: ``"train"`` (all of a local file) or a slice of it, ``"train[10:50]"``."""
+    match = re.fullmatch(r"train(?:\[(-?\d*):(-?\d*)\])?", split.replace(" ", ""))
+    if match is None:
+        raise ValueError(f"a local file has one split, 'train'; got split={split!r} for {str(source)!r} "
+                         f"(a slice such as 'train[:50]' works too)")
+    start, stop = (int(x) if x else None for x in match.groups())
+    return rows[start:stop]
 
 
 def _pick_column(columns, key, field, fallbacks, role, source) -> str:

@@ -98,8 +98,25 @@ def test_load_tsv_and_unsupported_suffix(tmp_path):
         load_examples(q)
 
 
+def test_load_slices_json_lines_and_bad_files(tmp_path):
+    p = tmp_path / "lines.json"  # JSON lines in a .json file
+    p.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": str(i)}) for i in range(5)))
+    assert [e.answer for e in load_examples(p, split="train[1:3]")] == ["1", "2"]
+    assert [e.answer for e in load_examples(p, split="train[-1:]")] == ["4"]
+    with pytest.raises(ValueError, match="one split, 'train'"):
+        load_examples(p, split="test")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2"):
+        load_examples(bad)
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list of records"):
+        load_examples(scalar)
+
+
 def test_load_from_datasets_object():
-    import datasets
+    datasets = pytest.importorskip("datasets")  # an optional dependency (in the dev extra)
 
     ds = datasets.Dataset.from_dict({"input": ["a", "b"], "target": ["(A)", "(B)"]})
     ex = load_examples(ds)
