@@ -193,8 +193,41 @@ def fit(args) -> None:
     out["projection_8b_h100"] = project_8b()
     for name, p in out["projection_8b_h100"].items():
         print(f"8B on one H100, {name}: {p['hours']:.2f} h ({p['steps']} steps, {p['seconds_per_step']:.1f} s/step)")
+    out["memory_8b"] = memory_8b()
+    for name, m in out["memory_8b"].items():
+        print(f"8B step memory, {name}: {m['describe']}")
     path = pathlib.Path(args.output or pathlib.Path(args.report).with_name("scale_projection.json"))
     path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    plot(data, path.with_suffix(".png"))
+
+
+def plot(data: dict, path: pathlib.Path) -> None:
+    """Seconds per step and peak memory against parameters, one line per protocol (log-log)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for protocol, marker in (("default", "o"), ("paper", "s")):
+        shapes = sorted((s for s in data["shapes"] if protocol in s["protocols"]), key=lambda s: s["parameters"])
+        params = [s["parameters"] / 1e9 for s in shapes]
+        time_ax.plot(params, [s["protocols"][protocol]["seconds_per_step"] for s in shapes], marker=marker,
+                     label=protocol)
+        memory_ax.plot(params, [s["protocols"][protocol]["peak_memory_bytes"] / 2**30 for s in shapes], marker=marker,
+                       label=protocol)
+    device = data["shapes"][0]["device"]
+    for ax, label in ((time_ax, "seconds per step"), (memory_ax, "peak memory, GiB")):
+        ax.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Search step cost against model size ({device}, random weights)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 
@@ -217,6 +250,30 @@ def project_8b(mfu: float = 0.4, prompt_tokens: int = 250) -> dict:
         out[name] = {"steps": steps, "examples": examples, "reasoning_tokens": reasoning, "seconds_per_step": seconds,
                      "hours": steps * seconds / 3600, "assumptions": f"{mfu:.0%} of bf16 peak for matrix work; "
                      "decoding reads the weights once per token for up to 64 rows"}
+    return out
+
+
+def memory_8b(sequence_tokens: int = 1300, batch: int = 8) -> dict:
+    """The search's own memory estimate (``engine.memory``) of an 8B bfloat16 step with the paper's
+    1024 reasoning tokens (about ``sequence_tokens`` in all), with and without gradient checkpointing;
+    the model is built on the meta device, so nothing is allocated."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dspy_greater.engine.memory import estimate_step_memory
+
+    hidden, inter, layers, heads, kv, tied = SHAPES["llama-3-8b"]
+    config = LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    out = {}
+    for checkpointing in (True, False):
+        estimate = estimate_step_memory(model, sequence_tokens=sequence_tokens, batch=batch,
+                                        gradient_checkpointing=checkpointing, inputs_store_mb=512)
+        out[f"gradient_checkpointing={checkpointing}"] = {
+            "sequence_tokens": sequence_tokens, "batch": batch, "peak_bytes": estimate.peak,
+            "fits_80gb": estimate.peak < 80e9, "describe": estimate.describe()}
     return out
 
 

@@ -213,12 +213,9 @@ def test_estimate_of_a_tiny_llama_scales_with_batch_and_tokens():
 
 def test_llama_3_8b_with_1024_reasoning_tokens_fits_80_gb_with_checkpointing():
     """Llama-3-8B's shape in bfloat16 (built on the meta device: no memory), ~1300-token sequences
-    (1024 reasoning tokens), 8 sequences per forward pass, the default 512 MB inputs store.
-
-    Estimated: 19.9 GiB with gradient checkpointing (weights 15.0, gradient pass 4.4, generation
-    cache 1.3, inputs store 0.5); 76.4 GiB without (gradient pass 60.9 GiB), too close to an 80 GB
-    card's usable memory to count on (not asserted either way).
-    """
+    (1024 reasoning tokens), 8 sequences per forward pass, the default 512 MB inputs store. Without
+    checkpointing the estimate is close to an 80 GB card's usable memory (not asserted either way;
+    the figures: ``benchmarks/scale.py fit``)."""
     with torch.device("meta"):
         model = _llama(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256).to(torch.bfloat16)
