@@ -8,6 +8,7 @@ the default's 48 reasoning tokens.
 
     python benchmarks/default_protocol.py run --config default          # resumable, one file a run
     python benchmarks/default_protocol.py summary --configs default default+keep_current=false
+    python benchmarks/default_protocol.py transfer --config default    # the runs' instructions on Gemma-3-270M
 
 ``run`` writes ``results/protocol/<config>/<task>_seed<k>.json`` (skipped when present) and caches
 the baselines' answers per task and row in ``results/protocol/baselines/<task>.json``: the
@@ -156,6 +157,63 @@ def run(args) -> None:
             print(f"   {seconds / 60:.1f} min; returned {report['returned']!r}", flush=True)
 
 
+def transfer(args) -> None:
+    """Score each run's returned instruction, and the baselines, on another model family's target.
+
+    The target (a GGUF served by llama.cpp, Gemma-3-270M by default) runs the program through
+    ``GReaTerAdapter`` with the task's extractor, greedy, ``--target-tokens`` of reasoning. Answers
+    are cached per task and instruction in ``results/protocol/transfer_<target>/<task>.json``; each
+    run's record goes to ``results/protocol/<config>@<target>/`` in the runs' own format, so
+    ``summary --configs <config>@<target>`` pools the transfer like the runs themselves.
+    """
+    import dspy
+    import torch
+
+    from dspy_greater.metrics import exact_match
+    from dspy_greater.targets.adapter import GReaTerAdapter
+    from dspy_greater.targets.llama_cpp import LlamaCppServer
+
+    torch.set_num_threads(args.threads)
+    runs = [json.loads(p.read_text()) for p in sorted((OUT / args.config).glob("*_seed*.json"))]
+    folder = OUT / f"{args.config}@{args.target}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with LlamaCppServer(args.target, n_threads=args.threads) as server:
+        lm = server.lm(max_tokens=args.target_tokens, cache=True)
+        for run in runs:
+            task, seed = run["task"], run["seed"]
+            path = folder / f"{task}_seed{seed}.json"
+            if path.exists():
+                continue
+            test = _splits(task, seed)[2]
+            cache_path = OUT / f"transfer_{args.target}" / f"{task}.json"
+            cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+            adapter = GReaTerAdapter({"answer": _extractor(task)}, max_reasoning_tokens=args.target_tokens)
+            named = {"after": run["returned"], "program": run["program_instruction"], "cot": ZERO_SHOT_COT,
+                     "start": run["start"]}
+            for instruction in dict.fromkeys(named.values()):
+                answers = cache.setdefault(instruction, {})
+                todo = [e for e in test if e.question not in answers]
+                if todo:
+                    print(f"  {task} seed {seed}: {len(todo)} rows on {args.target} under {instruction!r} ...", flush=True)
+                    with dspy.context(lm=lm, adapter=adapter):
+                        result = dspy.Evaluate(devset=todo, metric=exact_match, num_threads=1, display_progress=False,
+                                               provide_traceback=False, max_errors=len(todo) + 1)(_program(instruction))
+                    for example, prediction, _ in result.results:
+                        answer = None if prediction is None else prediction.get("answer")
+                        answers[example.question] = None if answer is None else str(answer)
+                    cache_path.parent.mkdir(parents=True, exist_ok=True)
+                    cache_path.write_text(json.dumps(cache))
+            pick = lambda name: [cache[named[name]][e.question] for e in test]  # noqa: E731
+            report = {**{k: run[k] for k in ("task", "seed", "config", "settings", "splits", "compile_seconds",
+                                             "program_instruction", "start", "returned")},
+                      "target": f"{server.alias} (llama.cpp, GReaTerAdapter, {args.target_tokens} reasoning tokens)",
+                      "labels": [_canonical(task, e.answer) for e in test], "after": pick("after"),
+                      "baselines": {name: pick(name) for name in ("program", "cot", "start")},
+                      "command": " ".join(["python", "benchmarks/default_protocol.py", *sys.argv[1:]])}
+            path.write_text(json.dumps(report, indent=1))
+            print(f"  {task} seed {seed}: done", flush=True)
+
+
 def pooled_gain(runs: list[dict], system: str, measure, resamples: int = 1000, seed: int = 0) -> dict:
     """Mean over runs of ``measure(system) - measure(program)``, with two bootstrap 95% intervals:
     rows resampled within each run, and runs resampled as well."""
@@ -224,10 +282,15 @@ def main() -> None:
     r.add_argument("--tasks", nargs="+", default=list(TASKS))
     r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     r.add_argument("--threads", type=int, default=2)
+    t = sub.add_parser("transfer", help="score a configuration's returned instructions on another target")
+    t.add_argument("--config", default="default", type=config_spec)
+    t.add_argument("--target", default="gemma3-270m", help="a GGUF llama.cpp serves: gemma3-270m or a path")
+    t.add_argument("--target-tokens", type=int, default=48, help="reasoning token limit on the target")
+    t.add_argument("--threads", type=int, default=2)
     s = sub.add_parser("summary", help="pool the runs of some configurations")
     s.add_argument("--configs", nargs="+", default=["default"])
     args = p.parse_args()
-    run(args) if args.command == "run" else summary(args)
+    {"run": run, "transfer": transfer, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":
