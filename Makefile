@@ -13,8 +13,8 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: installing torch from PyPI"; \
-	  $(BIN)/pip install --quiet torch; else $(BIN)/pip install --quiet "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install --quiet -e .
+	  $(BIN)/pip install --quiet --no-compile torch; else $(BIN)/pip install --quiet --no-compile "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install --quiet --no-compile -e .
 
 # The tests also need the llama.cpp server (built from source the first time) and the Gemma GGUF.
 setup-dev: setup
