@@ -221,8 +221,13 @@ def plot(data: dict, path: pathlib.Path) -> None:
         memory_ax.plot(params, [s["protocols"][protocol]["peak_memory_bytes"] / 2**30 for s in shapes], marker=marker,
                        label=protocol)
     device = data["shapes"][0]["device"]
+    sizes = sorted({s["parameters"] for s in data["shapes"]})
     for ax, label in ((time_ax, "seconds per step"), (memory_ax, "peak memory, GiB")):
-        ax.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel=label)
+        ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel=label)
+        ax.set_xticks([n / 1e9 for n in sizes], [f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" for n in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"Search step cost against model size ({device}, random weights)")
