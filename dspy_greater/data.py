@@ -194,13 +194,14 @@ class _Table:
 
 
 def _read_rows(path: pathlib.Path, suffix: str) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
     if suffix in (".csv", ".tsv"):
-        # Every cell as written ("007", "2.50"); an empty cell is "".
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        if not reader.fieldnames:
-            raise ValueError(f"task file {str(path)!r} is empty")
-        return [{k: v for k, v in row.items() if k is not None} for row in reader]
+        # Every cell as written ("007", "2.50"); an empty cell is ""; quoted cells may span lines.
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            if not reader.fieldnames:
+                raise ValueError(f"task file {str(path)!r} is empty")
+            return [{k: v for k, v in row.items() if k is not None} for row in reader]
+    text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text) if suffix == ".json" and text.lstrip()[:1] in ("{", "[") else None
     except json.JSONDecodeError:

@@ -78,9 +78,10 @@ def test_load_json_list_of_records(tmp_path):
 
 def test_load_csv_keeps_cells_as_text(tmp_path):
     p = tmp_path / "t.csv"
-    p.write_text('question,answer\n"What is 1+1, exactly?",002\nhalf,0.50\n')
+    p.write_text('question,answer\n"What is 1+1, exactly?",002\nhalf,0.50\n"two\nlines",x\n')
     ex = load_examples(str(p))
-    assert [(e.question, e.answer) for e in ex] == [("What is 1+1, exactly?", "002"), ("half", "0.50")]
+    assert [(e.question, e.answer) for e in ex] == [("What is 1+1, exactly?", "002"), ("half", "0.50"),
+                                                   ("two\nlines", "x")]
     bad = tmp_path / "bad.csv"
     bad.write_text("question,answer\nfine,Yes\nmissing,\n")
     with pytest.raises(ValueError, match="row 1"):
