@@ -244,6 +244,7 @@ def summary(args) -> None:
     table = {}
     for config in args.configs:
         runs = [json.loads(p.read_text()) for p in sorted((OUT / config).glob("*_seed*.json"))]
+        runs = [r for r in runs if args.seeds is None or r["seed"] in args.seeds]
         if not runs:
             print(f"{config}: no runs yet")
             continue
@@ -259,7 +260,7 @@ def summary(args) -> None:
                for name, measure in (("accuracy", accuracy), ("balanced", balanced_accuracy))},
             "returned": {f"{r['task']} seed {r['seed']}": r["returned"] for r in runs},
         }
-    path = OUT / "summary.json"
+    path = pathlib.Path(args.output)
     path.write_text(json.dumps(table, indent=1))
     fmt = lambda g: f"{g['gain']:+.3f} [{g['runs_95'][0]:+.3f}, {g['runs_95'][1]:+.3f}]"  # noqa: E731
     print("| configuration | runs | differs from program / start | balanced gain | accuracy gain | CoT balanced | "
@@ -289,6 +290,8 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=2)
     s = sub.add_parser("summary", help="pool the runs of some configurations")
     s.add_argument("--configs", nargs="+", default=["default"])
+    s.add_argument("--seeds", nargs="+", type=int, default=None, help="pool only these seeds (screening: 0)")
+    s.add_argument("--output", default=str(OUT / "summary.json"))
     args = p.parse_args()
     {"run": run, "transfer": transfer, "summary": summary}[args.command](args)
 
