@@ -12,7 +12,7 @@ the difference of their gains).
 
     python benchmarks/quality.py --task navigate --steps 10
 
-``--reuse faithful=results/quality_navigate.json`` takes a configuration's returned instruction
+``--reuse faithful=<earlier report>.json`` takes a configuration's returned instruction
 (and compile time) from an earlier report on the same task, train and held-out split, seed,
 steps, reasoning length and dtype instead of compiling again; the test split can then be larger
 (the splits are consecutive slices of one seeded shuffle, so train and held-out stay the same).
