@@ -167,13 +167,11 @@ def transfer(args) -> None:
     ``summary --configs <config>@<target>`` pools the transfer like the runs themselves.
     """
     import dspy
-    import torch
 
     from dspy_greater.metrics import exact_match
     from dspy_greater.targets.adapter import GReaTerAdapter
     from dspy_greater.targets.llama_cpp import LlamaCppServer
 
-    torch.set_num_threads(args.threads)
     runs = [json.loads(p.read_text()) for p in sorted((OUT / args.config).glob("*_seed*.json"))]
     folder = OUT / f"{args.config}@{args.target}"
     folder.mkdir(parents=True, exist_ok=True)
