@@ -46,19 +46,26 @@ H100_BF16_FLOPS = 989e12
 H100_BYTES_PER_S = 3.35e12
 
 
+def llama_config(shape: str, vocab_size: int, **token_ids):
+    """A ``LlamaConfig`` with ``shape``'s dimensions (``SHAPES``) and ``vocab_size`` rows."""
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, heads, kv, tied = SHAPES[shape]
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
+                       tie_word_embeddings=tied, **token_ids)
+
+
 def build_model(shape: str, dtype, device: str):
     """A random-weight LlamaForCausalLM with ``shape``'s dimensions and the embedded tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from dspy_greater.models.loading import load_optimizer_model
 
     _, tokenizer = load_optimizer_model()
-    hidden, inter, layers, heads, kv, tied = SHAPES[shape]
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         max_position_embeddings=8192, tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = llama_config(shape, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -263,15 +270,12 @@ def memory_8b(sequence_tokens: int = 1300, batch: int = 8) -> dict:
     1024 reasoning tokens (about ``sequence_tokens`` in all), with and without gradient checkpointing;
     the model is built on the meta device, so nothing is allocated."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from dspy_greater.engine.memory import estimate_step_memory
 
-    hidden, inter, layers, heads, kv, tied = SHAPES["llama-3-8b"]
-    config = LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config("llama-3-8b", 128256)).to(torch.bfloat16)
     out = {}
     for checkpointing in (True, False):
         estimate = estimate_step_memory(model, sequence_tokens=sequence_tokens, batch=batch,

@@ -1,7 +1,8 @@
 """Task data: the packaged BIG-Bench Hard files and user task files, as ``dspy.Example`` lists.
 
-Files are read with the standard library (``json``, ``csv``); a ``datasets.Dataset`` works too. BBH files are ``{"examples": [{"input", "target"}]}``;
-their ``input``/``target`` columns map to the ``question``/``answer`` fields by default.
+Files are read with the standard library (``json``, ``csv``); a ``datasets.Dataset`` works too.
+BBH files are ``{"examples": [{"input", "target"}]}``; their ``input``/``target`` columns map to
+the ``question``/``answer`` fields by default.
 """
 
 from __future__ import annotations
