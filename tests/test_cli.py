@@ -20,8 +20,9 @@ def test_demo_reports_accuracy_beside_majority_and_balanced(tmp_path, capsys):
         assert row["n"] == 4
         assert {"accuracy", "balanced_accuracy", "majority_rate", "pred_distribution"} <= set(row)
     assert report["search"]["predict"]["trace"][0]["step"] == 0
-    out = capsys.readouterr().out
-    assert "Optimized instruction:" in out and "balanced" in out
+    captured = capsys.readouterr()
+    assert "Optimized instruction:" in captured.out and "balanced" in captured.out
+    assert "it/s" not in captured.out + captured.err and "%|" not in captured.err  # --quiet: no progress bar
 
 
 def test_demo_on_a_llama_cpp_target(tmp_path, capsys):
@@ -74,7 +75,9 @@ def test_optimize_a_csv_with_two_input_fields(tmp_path, capsys):
     assert main(["optimize", str(data), "--signature", "context, question -> answer", "--steps", "1",
                  "--batch-size", "3", "--reasoning-tokens", "8", "--val", "3", "--test", "3", "--quiet",
                  "--save", str(saved), "--checkpoint-dir", str(tmp_path / "checkpoints")]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "it/s" not in out + captured.err and "%|" not in captured.err  # --quiet: no progress bar
     assert "8 train / 3 held-out / 3 test rows" in out
     assert "Initial instruction:   'Given the fields `context`, `question`, produce the fields `answer`.'" in out
     assert "Optimized instruction:" in out and "balanced" in out
