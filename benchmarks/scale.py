@@ -8,6 +8,7 @@ its embedding and output layer would hold about 1 B more parameters at 8B).
 
     python benchmarks/scale.py run --shapes smollm2-135m smollm2-360m smollm2-1.7b --steps 3
     python benchmarks/scale.py fit benchmarks/results/scale_cpu.json     # cost model and projection
+    python benchmarks/scale.py tokenizer --out .gpu/tokenizer   # for a machine that cannot fetch the model
 
 ``run`` measures each shape in a fresh process (peak memory is its own): N steps of the default
 search and of the paper's protocol step (``GreaterConfig.faithful()`` at the given examples and
@@ -32,6 +33,8 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = pathlib.Path(__file__).resolve().parent
+#: Where the embedded tokenizer is read from, as saved by ``scale.py tokenizer`` (optional).
+TOKENIZER_ENV_VAR = "DSPY_GREATER_TOKENIZER"
 
 # (hidden, intermediate, layers, attention heads, key/value heads, tied embeddings)
 SHAPES = {
@@ -56,14 +59,25 @@ def llama_config(shape: str, vocab_size: int, **token_ids):
                        tie_word_embeddings=tied, **token_ids)
 
 
+def embedded_tokenizer():
+    """The embedded model's tokenizer: from ``$DSPY_GREATER_TOKENIZER`` (a folder written by
+    ``scale.py tokenizer``) where set, as on a machine that cannot fetch the model, else the model's own."""
+    folder = os.environ.get(TOKENIZER_ENV_VAR)
+    if folder:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    from dspy_greater.models.loading import load_optimizer_model
+
+    return load_optimizer_model()[1]
+
+
 def build_model(shape: str, dtype, device: str):
     """A random-weight LlamaForCausalLM with ``shape``'s dimensions and the embedded tokenizer."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from dspy_greater.models.loading import load_optimizer_model
-
-    _, tokenizer = load_optimizer_model()
+    tokenizer = embedded_tokenizer()
     config = llama_config(shape, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -308,8 +322,12 @@ def main() -> None:
     f = sub.add_parser("fit")
     f.add_argument("report")
     f.add_argument("--output", default=None)
+    t = sub.add_parser("tokenizer", help=f"save the embedded tokenizer to a folder (for ${TOKENIZER_ENV_VAR})")
+    t.add_argument("--out", required=True)
     args = p.parse_args()
-    if args.command == "measure":
+    if args.command == "tokenizer":
+        embedded_tokenizer().save_pretrained(args.out)
+    elif args.command == "measure":
         print("\n@@" + json.dumps(measure(args)))
     elif args.command == "run":
         run(args)

@@ -123,10 +123,16 @@ def test_the_gpu_check_passes_its_cpu_dry_run(tmp_path):
     import subprocess
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    tokenizer, model_cache = tmp_path / "tokenizer", tmp_path / "model_cache"
+    model_cache.mkdir()
+    subprocess.run([sys.executable, str(root / "benchmarks" / "scale.py"), "tokenizer", "--out", str(tokenizer)],
+                   check=True, timeout=300)
+    # As on a GPU machine that cannot fetch the embedded model: the saved tokenizer only, no model load.
+    env = {**os.environ, "PYTHON": sys.executable, "DSPY_GREATER_CACHE": str(model_cache)}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path),
+                           "--tokenizer", str(tokenizer)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not list(model_cache.iterdir()), "the check loaded the model instead of the saved tokenizer"
     report = json.loads((tmp_path / "scale_cpu.json").read_text())
     shape = report["shapes"][0]
     assert shape["shape"] == "smollm2-135m" and set(shape["protocols"]) == {"default", "paper"}
