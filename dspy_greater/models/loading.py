@@ -340,7 +340,7 @@ def _resolve_source(spec: ModelSpec) -> _Source:
                 f"ModelSpec(gguf_file={spec.gguf_file!r}) needs name_or_path: the folder or hub "
                 "repository holding that file. Or pass the full path of the .gguf file as name_or_path."
             )
-        return _Source("gguf_local", str(default_model_path(spec.cache_dir)))
+        return _Source("gguf_local", str(default_model_path()))
 
     name = spec.name_or_path
     expanded = pathlib.Path(name).expanduser()
