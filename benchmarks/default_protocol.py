@@ -17,7 +17,8 @@ without search. A row's answer does not depend on the split, so each baseline is
 task. ``summary`` pools the runs: per configuration the share of runs whose returned instruction
 differs from the program's and from the search's start, the mean test gain over the unoptimized
 program in accuracy and balanced accuracy with 95% bootstrap intervals (rows resampled; runs and
-rows resampled), the same for the two baselines, and compile times; it writes
+rows resampled), the same for the two baselines, each system's mean accuracy and balanced
+accuracy, and compile times; it writes
 ``results/protocol/summary.json`` and prints a markdown table.
 """
 
@@ -220,8 +221,7 @@ def pooled_gain(runs: list[dict], system: str, measure, resamples: int = 1000, s
     rng = np.random.default_rng(seed)
 
     def gain(run, rows=None):
-        labels, before = run["labels"], run["baselines"]["program"]
-        after = run["after"] if system == "after" else run["baselines"][system]
+        labels, before, after = run["labels"], run["baselines"]["program"], _answers(run, system)
         if rows is not None:
             labels, before, after = ([x[i] for i in rows] for x in (labels, before, after))
         return measure(labels, after) - measure(labels, before)
@@ -234,6 +234,10 @@ def pooled_gain(runs: list[dict], system: str, measure, resamples: int = 1000, s
         by_runs.append(statistics.mean(gain(r, rng.integers(0, len(r["labels"]), len(r["labels"]))) for r in drawn))
     interval = lambda xs: [float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))]  # noqa: E731
     return {"gain": point, "rows_95": interval(by_rows), "runs_95": interval(by_runs)}
+
+
+def _answers(run: dict, system: str) -> list:
+    return run["after"] if system == "after" else run["baselines"][system]
 
 
 def summary(args) -> None:
@@ -253,6 +257,9 @@ def summary(args) -> None:
             "differs_from_start": sum(r["returned"] != r["start"] for r in runs),
             "compile_minutes": {"median": statistics.median(times) / 60, "max": max(times) / 60},
             "majority_rate": statistics.mean(majority_rate(r["labels"]) for r in runs),
+            "means": {system: {name: statistics.mean(measure(r["labels"], _answers(r, system)) for r in runs)
+                               for name, measure in (("accuracy", accuracy), ("balanced", balanced_accuracy))}
+                      for system in ("program", "cot", "start", "after")},
             **{f"{system}_{name}": pooled_gain(runs, system, measure)
                for system in ("after", "cot", "start")
                for name, measure in (("accuracy", accuracy), ("balanced", balanced_accuracy))},
