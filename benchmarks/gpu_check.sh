@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the accelerator-path tests on a random-weight model, then benchmarks/scale.py on the
-# 1B and 8B shapes, writing JSON and logs to one folder. Needs torch, transformers and accelerate; the
-# package's other dependencies install from a local wheel folder when one is given (no network needed).
+# 1B and 8B shapes, writing JSON and logs to one folder. Needs torch, transformers, accelerate and pytest,
+# not DSPy; --wheels installs the package's other dependencies from a local folder (no network needed).
 #
 #   bash benchmarks/gpu_check.sh --out gpu_check                       # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --out gpu_check --wheels /path/wheels # install dspy etc. from wheels first
@@ -32,7 +32,8 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 PY
 export DSPY_GREATER_TEST_DEVICE=$device LITELLM_LOCAL_MODEL_COST_MAP=True
 if [ -n "$tokenizer" ]; then export DSPY_GREATER_TOKENIZER=$(cd "$tokenizer" && pwd); fi
-"$python" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/test_gpu.py 2>&1 | tee "$out/tests.log"
+# --noconftest: the suite's shared fixtures load DSPy; the accelerator path needs only the engine.
+"$python" -m pytest -q -p no:cacheprovider --noconftest -m "gpu and not slow" tests/test_gpu.py 2>&1 | tee "$out/tests.log"
 if [ "$device" = cpu ]; then
   set -- --shapes smollm2-135m --steps 1 --examples 4 --reasoning-tokens 8 --dtype float32
 else

@@ -109,7 +109,7 @@ def measure(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dspy_greater.data import load_examples
+    from dspy_greater.data import bbh_rows
     from dspy_greater.engine.extractor import derive_extractor
     from dspy_greater.engine.layout import GreaterLayout
     from dspy_greater.engine.model import OptimizerLM
@@ -120,9 +120,9 @@ def measure(args) -> dict:
     dtype = getattr(torch, args.dtype)
     model, tokenizer = build_model(args.shape, dtype, args.device)
     params = sum(p.numel() for p in model.parameters())
-    rows = load_examples("navigate")[: args.examples + 2]
-    extractor = derive_extractor("answer", None, [r.answer for r in rows], [r.question for r in rows])
-    examples = [SearchExample(r.question, extractor.canonical(r.answer)) for r in rows]
+    rows = bbh_rows("navigate")[: args.examples + 2]
+    extractor = derive_extractor("answer", None, [a for _, a in rows], [q for q, _ in rows])
+    examples = [SearchExample(q, extractor.canonical(a)) for q, a in rows]
     train, heldout = examples[: args.examples], examples[args.examples:]
     report = {"shape": args.shape, "parameters": params, "device": args.device, "dtype": args.dtype,
               "threads": args.threads, "examples": args.examples, "reasoning_tokens": args.reasoning_tokens,

@@ -13,11 +13,12 @@ import os
 import pathlib
 import random
 import re
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import dspy
+if TYPE_CHECKING:
+    import dspy
 
-__all__ = ["bbh_tasks", "bbh_path", "load_examples", "load_fields", "split_examples", "Splits", "BBH_DIR"]
+__all__ = ["bbh_tasks", "bbh_path", "bbh_rows", "load_examples", "load_fields", "split_examples", "Splits", "BBH_DIR"]
 
 BBH_DIR = pathlib.Path(__file__).resolve().parent / "data" / "bbh"
 
@@ -44,6 +45,12 @@ def bbh_path(task: str) -> pathlib.Path:
     return path
 
 
+def bbh_rows(task: str) -> list[tuple[str, str]]:
+    """A packaged BBH task's ``(input, target)`` pairs, read without DSPy (the engine's GPU check
+    runs where DSPy is not installed)."""
+    return [(str(row["input"]), str(row["target"])) for row in json.loads(bbh_path(task).read_text())["examples"]]
+
+
 def load_examples(
     source: str | os.PathLike | Any,
     *,
@@ -65,6 +72,8 @@ def load_examples(
     Values are converted to ``str``; a missing value raises ``ValueError`` naming the row.
     Only the two fields are kept; the examples have ``input_field`` as their input.
     """
+    import dspy
+
     ds = _load_dataset(source, split)
     columns = list(ds.column_names)
     in_col = _pick_column(columns, input_key, input_field, _INPUT_FALLBACKS, "input", source)
@@ -91,6 +100,8 @@ def load_fields(source: str | os.PathLike, inputs: Sequence[str], outputs: Seque
     ``source`` is a task file as for :func:`load_examples`. Values become ``str``; a row with a
     missing or empty value raises ``ValueError`` naming the row and the column.
     """
+    import dspy
+
     ds = _load_dataset(source, "train")
     columns = list(ds.column_names)
     missing = [f for f in [*inputs, *outputs] if f not in columns]

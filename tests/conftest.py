@@ -18,11 +18,6 @@ def _package_records_reach_caplog():
     logging.getLogger("dspy_greater").propagate = True
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads or dequantizes a model (tens of seconds on first run)")
-    config.addinivalue_line("markers", "gpu: the accelerator path, on DSPY_GREATER_TEST_DEVICE (cuda when present)")
-
-
 @pytest.fixture(scope="session")
 def optimizer():
     """(model, tokenizer) of the embedded default optimizer model, float32 on CPU.

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from dspy_greater.data import load_examples
+from dspy_greater.data import bbh_rows
 from dspy_greater.engine.extractor import derive_extractor
 from dspy_greater.engine.layout import GreaterLayout
 from dspy_greater.engine.model import OptimizerLM
@@ -41,9 +41,9 @@ def tiny_llama():
 
 @pytest.fixture(scope="module")
 def task():
-    rows = load_examples("navigate")[:6]
-    extractor = derive_extractor("answer", None, [r.answer for r in rows], [r.question for r in rows])
-    return extractor, [SearchExample(r.question, extractor.canonical(r.answer)) for r in rows]
+    rows = bbh_rows("navigate")[:6]
+    extractor = derive_extractor("answer", None, [a for _, a in rows], [q for q, _ in rows])
+    return extractor, [SearchExample(q, extractor.canonical(a)) for q, a in rows]
 
 
 def _search(tiny_llama, extractor, **config):
@@ -127,8 +127,14 @@ def test_the_gpu_check_passes_its_cpu_dry_run(tmp_path):
     model_cache.mkdir()
     subprocess.run([sys.executable, str(root / "benchmarks" / "scale.py"), "tokenizer", "--out", str(tokenizer)],
                    check=True, timeout=300)
-    # As on a GPU machine that cannot fetch the embedded model: the saved tokenizer only, no model load.
-    env = {**os.environ, "PYTHON": sys.executable, "DSPY_GREATER_CACHE": str(model_cache)}
+    # As on a GPU machine that cannot fetch the embedded model and has no DSPy: the saved tokenizer
+    # only, no model load, and importing dspy or litellm fails.
+    blocked = tmp_path / "blocked"
+    for name in ("dspy", "litellm"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on the GPU machine')\n")
+    env = {**os.environ, "PYTHON": sys.executable, "DSPY_GREATER_CACHE": str(model_cache),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path),
                            "--tokenizer", str(tokenizer)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
