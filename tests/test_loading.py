@@ -252,6 +252,17 @@ def test_cache_path_changes_with_the_file(tmp_path):
     assert gguf_cache_path(gguf, tmp_path / "cache") != first
 
 
+def test_cache_path_follows_the_content_not_the_place(tmp_path):
+    body = bytes(range(256)) * (3 * 4096 + 1)  # a little over 3 MiB: head and tail are sampled
+    first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(body)
+    assert gguf_cache_path(first, tmp_path / "cache") == gguf_cache_path(second, tmp_path / "cache")
+    second.write_bytes(body[:-1] + b"\x00")  # same size, last byte changed
+    assert gguf_cache_path(first, tmp_path / "cache") != gguf_cache_path(second, tmp_path / "cache")
+
+
 def test_spec_is_frozen():
     with pytest.raises(AttributeError):
         ModelSpec().dtype = "float16"

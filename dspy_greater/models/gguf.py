@@ -194,17 +194,30 @@ def cache_root(cache_dir: str | os.PathLike[str] | None) -> pathlib.Path:
     return pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def _content_fingerprint(path: pathlib.Path) -> str:
+    """Size and the SHA-256 of the first and last MiB: identical copies share it; reading a few
+    GiB of weights to hash them all would cost more than it saves."""
+    size = path.stat().st_size  # follows symlinks (hub downloads are symlinks to blobs)
+    digest = hashlib.sha256(str(size).encode("ascii"))
+    with path.open("rb") as handle:
+        digest.update(handle.read(_FINGERPRINT_BYTES))
+        if size > 2 * _FINGERPRINT_BYTES:
+            handle.seek(size - _FINGERPRINT_BYTES)
+        digest.update(handle.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
 def _cache_key(gguf_path: pathlib.Path) -> str:
     import transformers
 
-    stat = gguf_path.stat()  # follows symlinks (hub downloads are symlinks to blobs)
     stem = gguf_path.name[: -len(".gguf")] if gguf_path.name.lower().endswith(".gguf") else gguf_path.name
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "model"
     # The transformers version is part of the key: its GGUF conversion (weights and tokenizer)
     # may change between releases.
-    fingerprint = "\0".join(
-        [os.path.abspath(gguf_path), str(stat.st_size), str(stat.st_mtime_ns), transformers.__version__]
-    )
+    fingerprint = "\0".join([_content_fingerprint(gguf_path), transformers.__version__])
     digest = hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()[:12]
     return f"{safe}-{digest}"
 
@@ -212,9 +225,9 @@ def _cache_key(gguf_path: pathlib.Path) -> str:
 def gguf_cache_path(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """Where the dequantized copy of a local GGUF file lives (whether or not it exists yet).
 
-    The folder is ``<cache_dir>/<file stem>-<hash>``, the hash covering the file's absolute path,
-    size and modification time and the ``transformers`` version, so a changed file or a new
-    ``transformers`` gets a fresh copy. Old copies are not deleted.
+    The folder is ``<cache_dir>/<file stem>-<hash>``, the hash covering the file's size, its first
+    and last MiB and the ``transformers`` version: copies of one file in two places share a cache,
+    a changed file or a new ``transformers`` gets a fresh copy. Old copies are not deleted.
 
     Args:
         gguf_path: The GGUF file.
