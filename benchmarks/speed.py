@@ -33,7 +33,7 @@ RESULTS = HERE / "results"
 GREATERPROMPT_PYTHON = HERE / ".venv-greaterprompt" / "bin" / "python"
 INITIAL_INSTRUCTION = "Let's think step by step."
 HELDOUT = 4  # rows after the optimized ones, for the search's own held-out check (not timed)
-# ours: defaults (a minibatch per step, finalists teacher-forced, current token kept unless beaten);
+# ours: a minibatch per step, finalists teacher-forced, current token kept unless beaten (the default then);
 # ours-bf16: the same in bfloat16; ours-paper-protocol: every example every step and the token
 # always replaced, as in the paper, with our speed-ups; ours-faithful-cost: the paper's protocol and
 # cost (reasoning regenerated for every finalist, no prefix cache); ours-llamacpp-generation: the
@@ -131,7 +131,9 @@ def worker_ours(args) -> dict:
         lm.generator = CompletionServerGenerator(server, lm.tokenizer)
     if system in ("ours", "ours-llamacpp-generation", "ours-finalist-loss"):
         key = "loss" if system == "ours-finalist-loss" else "score"
-        config = GreaterConfig(**common, finalist_key=key, **({"batch_size": None} if args.full_batch else {}))
+        # keep_current=True: the step section 1's table measured (the default then).
+        config = GreaterConfig(**common, finalist_key=key, keep_current=True,
+                               **({"batch_size": None} if args.full_batch else {}))
     elif system in ("ours-regenerate", "ours-regenerate-batch24", "ours-batch24"):
         config = GreaterConfig(**common, finalist_scoring="teacher_forced" if system == "ours-batch24" else "regenerate",
                                **({"model_batch_size": 24} if system.endswith("batch24") else {}))

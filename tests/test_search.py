@@ -95,6 +95,7 @@ def test_config_rejects_bad_values(bad):
 def test_config_defaults_and_batch_size_none_are_valid():
     cfg = GreaterConfig()
     assert (cfg.fluency_weight, cfg.answer_temperature, cfg.num_finalists) == (0.2, 0.2, 3)
+    assert cfg.keep_current is False and cfg.current_competes is False  # the best other finalist replaces the token
     assert GreaterConfig(batch_size=None).batch_size is None
     assert "finalist_scoring" in GreaterConfig.field_names()
 
@@ -138,7 +139,9 @@ def object_counting():
 
 
 def _search(lm, layout, extractor, **config) -> GreaterSearch:
-    return GreaterSearch(lm, layout, extractor, GreaterConfig(**config))
+    """A search keeping the current token unless a finalist beats it (the rules most tests here
+    check), unless ``config`` says otherwise."""
+    return GreaterSearch(lm, layout, extractor, GreaterConfig(**{"keep_current": True, **config}))
 
 
 # ---------------------------------------------------------------------------------------------

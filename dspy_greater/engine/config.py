@@ -18,8 +18,6 @@ class GreaterConfig:
     - a random minibatch of examples per step instead of all of them: ``batch_size=None``;
     - finalists scored on the current reasoning, not each on its own regenerated reasoning:
       ``finalist_scoring="regenerate"``;
-    - the current token kept unless a finalist beats it, instead of always replaced by the best
-      finalist: ``keep_current=False``;
     - the current token excluded from the finalists, instead of an ordinary candidate that can
       be one (and win): ``current_competes=True``;
     - no early acceptance of a sentence end: ``sentence_end_accept=True``;
@@ -59,8 +57,9 @@ class GreaterConfig:
         finalist_scoring: ``"regenerate"`` regenerates the reasoning under every finalist before
             scoring it (paper); ``"teacher_forced"`` scores finalists on the current reasoning and
             regenerates only for the winner, which the next step needs anyway.
-        keep_current: Also score the current token and keep it if no finalist beats it. The paper
-            always replaces it with the best finalist.
+        keep_current: Also score the current token and keep it if no finalist beats it. Off, as in
+            the paper: the best finalist always replaces it (chosen by the protocol in
+            benchmarks/README.md, section 5).
         current_competes: The current token is an ordinary candidate: it is a finalist when its
             gradient ranks among the ``num_finalists`` best, and then can win (paper). Otherwise
             the finalists are other tokens (and ``keep_current`` decides whether it is scored).
@@ -126,7 +125,7 @@ class GreaterConfig:
     max_reasoning_tokens: int = 48
     reasoning_temperature: float = 0.0
     finalist_scoring: str = "teacher_forced"
-    keep_current: bool = True
+    keep_current: bool = False
     current_competes: bool = False
     sentence_end_accept: bool = False
     growth_token: str | None = None
