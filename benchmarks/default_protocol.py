@@ -181,7 +181,7 @@ def transfer(args) -> None:
         for run in runs:
             task, seed = run["task"], run["seed"]
             path = folder / f"{task}_seed{seed}.json"
-            if path.exists():
+            if path.exists() and set(args.systems) <= set(json.loads(path.read_text())["baselines"]):
                 continue
             test = _splits(task, seed)[2]
             cache_path = OUT / f"transfer_{args.target}" / f"{task}.json"
@@ -189,6 +189,7 @@ def transfer(args) -> None:
             adapter = GReaTerAdapter({"answer": _extractor(task)}, max_reasoning_tokens=args.target_tokens)
             named = {"after": run["returned"], "program": run["program_instruction"], "cot": ZERO_SHOT_COT,
                      "start": run["start"]}
+            named = {name: named[name] for name in ("after", "program", *args.systems)}
             for instruction in dict.fromkeys(named.values()):
                 answers = cache.setdefault(instruction, {})
                 todo = [e for e in test if e.question not in answers]
@@ -207,7 +208,7 @@ def transfer(args) -> None:
                                              "program_instruction", "start", "returned")},
                       "target": f"{server.alias} (llama.cpp, GReaTerAdapter, {args.target_tokens} reasoning tokens)",
                       "labels": [_canonical(task, e.answer) for e in test], "after": pick("after"),
-                      "baselines": {name: pick(name) for name in ("program", "cot", "start")},
+                      "baselines": {name: pick(name) for name in named if name != "after"},
                       "command": " ".join(["python", "benchmarks/default_protocol.py", *sys.argv[1:]])}
             path.write_text(json.dumps(report, indent=1))
             print(f"  {task} seed {seed}: done", flush=True)
@@ -251,6 +252,7 @@ def summary(args) -> None:
             print(f"{config}: no runs yet")
             continue
         times = [r["compile_seconds"] for r in runs]
+        scored = [system for system in ("cot", "start") if all(system in r["baselines"] for r in runs)]
         table[config] = {
             "runs": len(runs),
             "differs_from_program": sum(r["returned"] != r["program_instruction"] for r in runs),
@@ -259,22 +261,23 @@ def summary(args) -> None:
             "majority_rate": statistics.mean(majority_rate(r["labels"]) for r in runs),
             "means": {system: {name: statistics.mean(measure(r["labels"], _answers(r, system)) for r in runs)
                                for name, measure in (("accuracy", accuracy), ("balanced", balanced_accuracy))}
-                      for system in ("program", "cot", "start", "after")},
+                      for system in ("program", *scored, "after")},
             **{f"{system}_{name}": pooled_gain(runs, system, measure)
-               for system in ("after", "cot", "start")
+               for system in ("after", *scored)
                for name, measure in (("accuracy", accuracy), ("balanced", balanced_accuracy))},
             "returned": {f"{r['task']} seed {r['seed']}": r["returned"] for r in runs},
         }
     path = pathlib.Path(args.output)
     path.write_text(json.dumps(table, indent=1))
-    fmt = lambda g: f"{g['gain']:+.3f} [{g['runs_95'][0]:+.3f}, {g['runs_95'][1]:+.3f}]"  # noqa: E731
+    def fmt(g):
+        return "not scored" if g is None else f"{g['gain']:+.3f} [{g['runs_95'][0]:+.3f}, {g['runs_95'][1]:+.3f}]"
     print("| configuration | runs | differs from program / start | balanced gain | accuracy gain | CoT balanced | "
           "start balanced | compile min (median / max) |")
     print("|---|---|---|---|---|---|---|---|")
     for config, row in table.items():
         print(f"| `{config}` | {row['runs']} | {row['differs_from_program']} / {row['differs_from_start']} | "
-              f"{fmt(row['after_balanced'])} | {fmt(row['after_accuracy'])} | {fmt(row['cot_balanced'])} | "
-              f"{fmt(row['start_balanced'])} | {row['compile_minutes']['median']:.1f} / "
+              f"{fmt(row['after_balanced'])} | {fmt(row['after_accuracy'])} | {fmt(row.get('cot_balanced'))} | "
+              f"{fmt(row.get('start_balanced'))} | {row['compile_minutes']['median']:.1f} / "
               f"{row['compile_minutes']['max']:.1f} |")
     print(f"wrote {path}")
 
@@ -293,6 +296,8 @@ def main() -> None:
     t.add_argument("--target", default="gemma3-270m", help="a GGUF llama.cpp serves: gemma3-270m or a path")
     t.add_argument("--target-tokens", type=int, default=48, help="reasoning token limit on the target")
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--systems", nargs="*", default=["cot", "start"], choices=["cot", "start"],
+                   help="baselines to score beside the program's and the returned instructions")
     s = sub.add_parser("summary", help="pool the runs of some configurations")
     s.add_argument("--configs", nargs="+", default=["default"])
     s.add_argument("--seeds", nargs="+", type=int, default=None, help="pool only these seeds (screening: 0)")
