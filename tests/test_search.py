@@ -82,6 +82,7 @@ def test_intersect_subset_size_larger_than_number_of_sets():
         {"finalist_scoring": "confirm"},
         {"allowed_tokens": "emoji"},
         {"finalist_key": "accuracy"},
+        {"mistakes_over": "labels"},
         {"inputs_cache_mb": -1},
         {"inputs_cache_mb": "lots"},
     ],
@@ -420,6 +421,31 @@ def test_finalist_key_decides_between_fluency_and_answer_loss(lm, layout, naviga
     assert min([fluent, likely, worse], key=by_score._finalist_rank) is fluent
     assert min([fluent, likely, worse], key=by_loss._finalist_rank) is likely  # 1.5 + 0.12 < 2.0 + 0.06
     assert min([worse, likely], key=by_loss._finalist_rank) is likely  # a new mistake is never traded for loss
+
+
+def test_mistakes_over_choices_counts_the_answer_the_heldout_check_reads(lm, layout, navigate):
+    extractor, nav = navigate
+    examples = nav[:6]
+    paper = _search(lm, layout, extractor, max_reasoning_tokens=8)
+    among = _search(lm, layout, extractor, max_reasoning_tokens=8, mistakes_over="choices")
+    choices = among.choice_first_tokens()
+    assert choices is not None and len(choices) == 2  # Yes / No start with different tokens
+    assert among._correct_among() == choices and paper._correct_among() is None
+    instruction = layout.encode_instruction("Think step by step.")
+    seqs = among.sequences(instruction, examples, among.reasoning(instruction, examples))
+    scores = lm.score(seqs, answer_temperature=0.2, choices=choices, correct_among=choices)
+    gold = [among.answer_ids(ex.label)[0] for ex in examples]
+    picked = [choices[max(range(2), key=s.choice_logits.__getitem__)] for s in scores]
+    assert [s.correct for s in scores] == [p == g for p, g in zip(picked, gold)]
+    # The same rule in the gradient pass, whose scores are the current token's.
+    from_gradient = []
+    lm.one_hot_gradient(seqs, 0, [instruction[0], *layout.encode(" Be")], answer_temperature=0.2,
+                        fluency_weight=0.2, scores_out=from_gradient, correct_among=choices)
+    assert [s.correct for s in from_gradient] == [s.correct for s in scores]
+    # The paper's count: every answer token the whole vocabulary's argmax; never more than among the choices.
+    vocabulary = lm.score(seqs, answer_temperature=0.2)
+    assert all(s.correct <= c.correct for s, c in zip(vocabulary, scores))
+    assert among.evaluate(instruction, examples).predictions == [extractor.choices[choices.index(p)] for p in picked]
 
 
 # ---------------------------------------------------------------------------------------------

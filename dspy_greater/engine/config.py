@@ -78,6 +78,13 @@ class GreaterConfig:
             ``"loss"``: mistake rate first, then answer loss + ``score_fluency_weight`` x
             instruction NLL, so a token that makes the gold answers more likely without adding a
             mistake wins.
+        mistakes_over: What a finalist's mistake rate counts. ``"vocabulary"`` (paper): an answer is
+            right when each of its tokens is the model's most likely token of the whole vocabulary
+            there. ``"choices"``: for a closed answer space whose choices start with different
+            tokens, when the gold answer's first token is the most likely of the choices' (the
+            answer the held-out check reads); other answer spaces count as ``"vocabulary"``. After
+            short reasoning a small model rarely puts an answer token first at all, so the paper's
+            count is then all mistakes and only the fluency term tells finalists apart.
         max_instruction_tokens: The instruction stops growing at this length (then wraps to 0).
         eval_every: Score the instruction on the held-out examples every this many steps (and at
             the end); the best held-out instruction is returned. Paper: picked offline from a top-10.
@@ -131,6 +138,7 @@ class GreaterConfig:
     growth_token: str | None = None
     edited_fluency: bool = True
     finalist_key: str = "score"
+    mistakes_over: str = "vocabulary"
     max_instruction_tokens: int = 48
     eval_every: int = 5
     allowed_tokens: str = "words"
@@ -185,6 +193,8 @@ class GreaterConfig:
         if self.finalist_scoring not in ("regenerate", "teacher_forced"):
             raise ValueError(f"GreaterConfig.finalist_scoring must be 'regenerate' or 'teacher_forced', "
                              f"got {self.finalist_scoring!r}.")
+        if self.mistakes_over not in ("vocabulary", "choices"):
+            raise ValueError(f"GreaterConfig.mistakes_over must be 'vocabulary' or 'choices', got {self.mistakes_over!r}.")
         if self.finalist_key not in ("score", "loss"):
             raise ValueError(f"GreaterConfig.finalist_key must be 'score' or 'loss', got {self.finalist_key!r}.")
         if self.growth_token is not None and (not isinstance(self.growth_token, str) or not self.growth_token):

@@ -64,6 +64,7 @@ def one_hot_gradient(
     kept_out: list[KeptGradient] | None = None,
     edited_fluency: bool = True,
     gradient_checkpointing: bool = False,
+    correct_among: list[int] | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Loss and its gradient w.r.t. a one-hot vector over candidate tokens at one instruction position.
 
@@ -89,6 +90,7 @@ def one_hot_gradient(
             instead of keeping them (:func:`checkpointed_layers`). A recomputed layer would append to
             the prefix's key/value cache a second time, so the sequences then run whole, without the
             cache; ``prefix`` still gives the next-token distributions that ``kept`` gradients need.
+        correct_among: Judge the ``scores_out`` correctness among these first answer tokens only.
 
     Returns:
         The mean loss over sequences, and the gradient (shape ``[len(candidates)]``, on CPU).
@@ -99,7 +101,7 @@ def one_hot_gradient(
         raise ValueError("Kept gradients need the prefix of this position (its next-token distributions).")
     run = sorted(set(range(len(seqs))) - set(reused))
     one_hot = _OneHotPass(lm, position, candidates, current, len(seqs), answer_temperature=answer_temperature,
-                          fluency_weight=fluency_weight, edited_fluency=edited_fluency)
+                          fluency_weight=fluency_weight, edited_fluency=edited_fluency, correct_among=correct_among)
     with checkpointed_layers(lm.model) if gradient_checkpointing and run else contextlib.nullcontext():
         one_hot.run([seqs[i] for i in run], run, None if gradient_checkpointing else prefix, keep=kept_out is not None)
     grad = one_hot.gradient() if run else torch.zeros(len(candidates), device=lm.device)
@@ -191,13 +193,15 @@ class _OneHotPass:
     """
 
     def __init__(self, lm, position: int, candidates: list[int], current: int, n: int, *,
-                 answer_temperature: float, fluency_weight: float, edited_fluency: bool):
+                 answer_temperature: float, fluency_weight: float, edited_fluency: bool,
+                 correct_among: list[int] | None = None):
         self.lm = lm
         self.position = position
         self.n = n
         self.answer_temperature = answer_temperature
         self.fluency_weight = fluency_weight
         self.edited_fluency = edited_fluency
+        self.correct_among = correct_among
         self.cand = torch.tensor(candidates, device=lm.device)
         self.one_hot = torch.zeros(len(candidates), device=lm.device, dtype=lm.embedding_matrix.dtype)
         self.one_hot[candidates.index(current)] = 1.0
@@ -231,7 +235,8 @@ class _OneHotPass:
         hidden = lm._hidden(mask, embeds=embeds.index_put((index, torch.tensor(cols, device=lm.device)), mixed),
                             prefix=prefix_chunk)
         losses, fluencies, correct = span_terms(lm._logits, lm.device, hidden, chunk, self.answer_temperature,
-                                                prefix=prefix, rows=rows, edited=(position, self.mixed_logprob))
+                                                prefix=prefix, rows=rows, edited=(position, self.mixed_logprob),
+                                                choices=self.correct_among)
         loss = sum(a + self.fluency_weight * f for a, f in zip(losses, fluencies)) / n
         loss.backward()
         self.total += float(loss.detach())

@@ -23,7 +23,8 @@ class SequenceScore:
 
     Attributes:
         answer_loss: Mean cross-entropy of the answer tokens (logits divided by the temperature).
-        correct: Whether every answer token is the model's argmax.
+        correct: Whether every answer token is the model's argmax (or, given ``choices``, whether
+            the gold answer's first token has the largest logit among the choices' first tokens).
         fluency: Mean negative log-likelihood of the instruction tokens.
         choice_logits: Logits at the first answer position of the tokens passed to
             ``OptimizerLM.score`` as ``choices`` (empty without them).
@@ -50,6 +51,7 @@ def span_terms(
     prefix: Prefix | None = None,
     rows: list[int] | None = None,
     edited: tuple[int, Callable] | None = None,
+    choices: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
     """Answer loss, fluency and correctness per row, from logits at the needed positions only.
 
@@ -64,6 +66,9 @@ def span_terms(
             at ``position`` (offset within the instruction) by ``logprob_fn(logprobs_there)``; the
             one-hot path mixes candidates there. With a prefix, that token must be the first one
             after it.
+        choices: The first tokens of a closed answer space's choices: an answer is then correct
+            when its first token beats the other choices' (the answer the model would pick among
+            them), not the whole vocabulary.
     """
     answer_losses, fluencies, correct = [], [], []
     for row, seq in enumerate(seqs):
@@ -76,7 +81,11 @@ def span_terms(
         answer_targets = torch.tensor(seq.ids[seq.answer_start : seq.answer_end], device=device)
         answer_logits = logits[:n_answer]
         answer_losses.append(F.cross_entropy(answer_logits / temperature, answer_targets))
-        correct.append(bool((answer_logits.argmax(-1) == answer_targets).all()))
+        if choices:
+            among = answer_logits[0, torch.tensor(choices, device=device)]
+            correct.append(choices[int(among.argmax())] == int(answer_targets[0]))
+        else:
+            correct.append(bool((answer_logits.argmax(-1) == answer_targets).all()))
         instr_targets = torch.tensor(seq.ids[first : seq.instruction_end], dtype=torch.long, device=device)
         logprobs = torch.log_softmax(logits[n_answer:], dim=-1)
         token_logprobs = logprobs.gather(1, instr_targets[:, None]).squeeze(1)

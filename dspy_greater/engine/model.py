@@ -379,6 +379,7 @@ class OptimizerLM:
     def score(
         self, seqs: list[Sequence], *, answer_temperature: float, prefix: Prefix | None = None,
         prefix_rows: list[int] | None = None, choices: list[int] | None = None,
+        correct_among: list[int] | None = None,
     ) -> list[SequenceScore]:
         """Teacher-forced answer loss, correctness and instruction fluency for each sequence.
 
@@ -388,6 +389,8 @@ class OptimizerLM:
                 finalists of a step); by default one per sequence, in order.
             choices: Token ids whose logits at the first answer position each score should carry
                 (what the model would answer there, read from the same forward pass).
+            correct_among: Judge correctness among these first answer tokens only
+                (:func:`~dspy_greater.engine.losses.span_terms`' ``choices``).
         """
         prefix = self._usable_prefix(prefix, seqs, prefix_rows)
         scores: list[SequenceScore | None] = [None] * len(seqs)
@@ -395,7 +398,7 @@ class OptimizerLM:
             ids, mask = self._padded(tails)
             hidden = self._hidden(mask, ids=ids, prefix=prefix_chunk)
             losses, fluencies, correct = span_terms(self._logits, self.device, hidden, chunk, answer_temperature,
-                                                    prefix=prefix, rows=rows)
+                                                    prefix=prefix, rows=rows, choices=correct_among)
             picked = [()] * len(chunk)
             if choices:
                 offsets = prefix_chunk.lengths if prefix_chunk else [0] * len(chunk)

@@ -83,6 +83,12 @@ class GreaterSearch:
 
     # -- building blocks ---------------------------------------------------------------------------
 
+    def choice_first_tokens(self) -> list[int] | None:
+        """The first answer token of each choice of a closed answer space, when they all differ
+        (then the model's answer among the choices is read from one position); else ``None``."""
+        tokens = [self.answer_ids(c)[0] if self.answer_ids(c) else None for c in self.extractor.choices]
+        return tokens if tokens and None not in tokens and len(set(tokens)) == len(tokens) else None
+
     def answer_ids(self, label: str) -> list[int]:
         if label not in self._answer_ids:
             self._answer_ids[label] = self.layout.encode(self.extractor.target(label))
@@ -164,8 +170,8 @@ class GreaterSearch:
             return Evaluation([], [], math.nan)
         reasoning = self.reasoning(instruction, examples)
         choices = list(self.extractor.choices)
-        first_tokens = [self.answer_ids(c)[0] if self.answer_ids(c) else None for c in choices]
-        by_first_token = bool(choices) and None not in first_tokens and len(set(first_tokens)) == len(first_tokens)
+        first_tokens = self.choice_first_tokens()
+        by_first_token = first_tokens is not None
         # One forward pass gives the answer loss and, at the first answer position, the prediction;
         # the inputs' cache comes from the store (position 0: the prefix is the inputs alone).
         prefix = self.prefix(instruction, 0, examples) if self.config.prefix_cache else None
@@ -376,7 +382,7 @@ class GreaterSearch:
             scores_out=current_scores, prefix=prefix,
             kept=[self._kept_gradients.get((ex, key)) for ex in batch] if reuse else None,
             kept_out=kept_out if reuse else None, edited_fluency=cfg.edited_fluency,
-            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing=cfg.gradient_checkpointing, correct_among=self._correct_among(),
         )
         if reuse:
             self._kept_gradients = {k: g for k, g in self._kept_gradients.items() if k[1] == key}
@@ -411,9 +417,14 @@ class GreaterSearch:
             owns = [reasoning] * len(trials)
         seqs = [seq for trial, own in zip(trials, owns) for seq in self.sequences(trial, examples, own)]
         rows = list(range(len(examples))) * len(finalists)  # every finalist continues each example's prefix
-        scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix, prefix_rows=rows)
+        scores = self.lm.score(seqs, answer_temperature=self.config.answer_temperature, prefix=prefix, prefix_rows=rows,
+                               correct_among=self._correct_among())
         n = len(examples)
         return [scores[k * n : (k + 1) * n] for k in range(len(finalists))]
+
+    def _correct_among(self) -> list[int] | None:
+        """The tokens a finalist's answers are judged correct among (``GreaterConfig.mistakes_over``)."""
+        return self.choice_first_tokens() if self.config.mistakes_over == "choices" else None
 
     def _winner(self, step: int, scored: list[dict]) -> dict:
         """The best finalist with a finite score (see :meth:`_finalist_rank`)."""
