@@ -9,6 +9,7 @@ the default's 48 reasoning tokens.
     python benchmarks/default_protocol.py run --config default          # resumable, one file a run
     python benchmarks/default_protocol.py summary --configs default default+keep_current=false
     python benchmarks/default_protocol.py transfer --config default    # the runs' instructions on Gemma-3-270M
+    python benchmarks/default_protocol.py mistakes     # how often a teacher-forced answer counts as right
 
 ``run`` writes ``results/protocol/<config>/<task>_seed<k>.json`` (skipped when present) and caches
 the baselines' answers per task and row in ``results/protocol/baselines/<task>.json``: the
@@ -149,6 +150,7 @@ def run(args) -> None:
                 "heldout": {"start": result["initial_heldout"]["accuracy"], "best": result["best_heldout"]["accuracy"],
                             "program": (result.get("program_heldout") or {}).get("accuracy")},
                 "labels": labels, "after": after,
+                "finalist_mistake_rates": [[f["mistake_rate"] for f in step["finalists"]] for step in result["trace"]],
                 "baselines": {name: [baselines[instruction][e.question] for e in test] for name, instruction in
                               (("program", result["program_instruction"]), ("cot", ZERO_SHOT_COT),
                                ("start", result["initial_instruction"])) if instruction in baselines},
@@ -212,6 +214,39 @@ def transfer(args) -> None:
                       "command": " ".join(["python", "benchmarks/default_protocol.py", *sys.argv[1:]])}
             path.write_text(json.dumps(report, indent=1))
             print(f"  {task} seed {seed}: done", flush=True)
+
+
+def mistakes(args) -> None:
+    """Share of training examples whose teacher-forced answer counts as right, under the reasoning start
+    and its 48-token reasoning, by the paper's rule (every answer token the vocabulary's argmax) and
+    among the choices (``mistakes_over="choices"``): seed 0's 24 training examples of each task."""
+    import torch
+
+    from dspy_greater.engine.config import GreaterConfig
+    from dspy_greater.engine.layout import GreaterLayout
+    from dspy_greater.engine.model import OptimizerLM
+    from dspy_greater.engine.search import GreaterSearch, SearchExample
+    from dspy_greater.models.loading import load_optimizer_model
+    from dspy_greater.start import reasoning_instruction
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_optimizer_model()
+    lm, layout = OptimizerLM(model, tokenizer), GreaterLayout(tokenizer)
+    report = {}
+    for task in TASKS:
+        search = GreaterSearch(lm, layout, _extractor(task), GreaterConfig())
+        examples = [SearchExample(e.question, _canonical(task, e.answer)) for e in _splits(task, 0)[0]]
+        instruction = layout.encode_instruction(reasoning_instruction("answer"))
+        seqs = search.sequences(instruction, examples, search.reasoning(instruction, examples))
+        choices = search.choice_first_tokens()
+        by_rule = {"vocabulary": lm.score(seqs, answer_temperature=0.2),
+                   "choices": lm.score(seqs, answer_temperature=0.2, correct_among=choices)}
+        report[task] = {rule: sum(s.correct for s in scores) / len(scores) for rule, scores in by_rule.items()}
+        print(f"{task}: right by the vocabulary's argmax {report[task]['vocabulary']:.2f}, among the choices "
+              f"{report[task]['choices']:.2f}", flush=True)
+    path = OUT / "mistake_rules.json"
+    path.write_text(json.dumps({"command": " ".join(["python", "benchmarks/default_protocol.py", *sys.argv[1:]]),
+                                "right_share": report}, indent=1))
 
 
 def pooled_gain(runs: list[dict], system: str, measure, resamples: int = 1000, seed: int = 0) -> dict:
@@ -298,12 +333,14 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--systems", nargs="*", default=["cot", "start"], choices=["cot", "start"],
                    help="baselines to score beside the program's and the returned instructions")
+    m = sub.add_parser("mistakes", help="the two mistake rules on the reasoning start's teacher-forced answers")
+    m.add_argument("--threads", type=int, default=2)
     s = sub.add_parser("summary", help="pool the runs of some configurations")
     s.add_argument("--configs", nargs="+", default=["default"])
     s.add_argument("--seeds", nargs="+", type=int, default=None, help="pool only these seeds (screening: 0)")
     s.add_argument("--output", default=str(OUT / "summary.json"))
     args = p.parse_args()
-    {"run": run, "transfer": transfer, "summary": summary}[args.command](args)
+    {"run": run, "transfer": transfer, "mistakes": mistakes, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":
