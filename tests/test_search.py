@@ -19,7 +19,7 @@ from dspy_greater.data import load_examples
 from dspy_greater.engine.extractor import derive_extractor
 from dspy_greater.engine.model import OptimizerLM
 from dspy_greater.engine.config import GreaterConfig
-from dspy_greater.engine.search import GreaterSearch, SearchExample, SearchResult, intersect_candidates
+from dspy_greater.engine.search import GreaterSearch, SearchExample, SearchResult, finalist_rank, intersect_candidates
 
 # ---------------------------------------------------------------------------------------------
 # 1. intersect_candidates (pure)
@@ -418,9 +418,9 @@ def test_finalist_key_decides_between_fluency_and_answer_loss(lm, layout, naviga
         entry["score"] = entry["mistake_rate"] + 0.02 * entry["fluency"]
     by_score = _search(lm, layout, extractor)
     by_loss = _search(lm, layout, extractor, finalist_key="loss")
-    assert min([fluent, likely, worse], key=by_score._finalist_rank) is fluent
-    assert min([fluent, likely, worse], key=by_loss._finalist_rank) is likely  # 1.5 + 0.12 < 2.0 + 0.06
-    assert min([worse, likely], key=by_loss._finalist_rank) is likely  # a new mistake is never traded for loss
+    assert min([fluent, likely, worse], key=lambda f: finalist_rank(f, by_score.config)) is fluent
+    assert min([fluent, likely, worse], key=lambda f: finalist_rank(f, by_loss.config)) is likely  # 1.5 + 0.12 < 2.0 + 0.06
+    assert min([worse, likely], key=lambda f: finalist_rank(f, by_loss.config)) is likely  # a new mistake is never traded for loss
 
 
 def test_mistakes_over_choices_counts_the_answer_the_heldout_check_reads(lm, layout, navigate):
@@ -760,7 +760,7 @@ def _one_step(search, text, position, examples, initial_length=None):
 
 
 def _rank(search, finalist):
-    return search._finalist_rank(finalist)
+    return finalist_rank(finalist, search.config)
 
 
 def test_faithful_sets_every_step_rule():

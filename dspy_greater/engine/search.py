@@ -336,7 +336,7 @@ class GreaterSearch:
             scored = [{"token": self.layout.decode([token]), "token_id": token,
                        "gradient": float(grad[candidates.index(token)]), **self._summarize_scores(by_token[token])}
                       for token in finalists]
-            winner = self._winner(step, scored)
+            winner = pick_winner(step, scored, cfg)
             instruction = self._round_trip(_with_token(instruction, position, winner["token_id"]))
         return dict(
             step=step,
@@ -426,23 +426,6 @@ class GreaterSearch:
         """The tokens a finalist's answers are judged correct among (``GreaterConfig.mistakes_over``)."""
         return self.choice_first_tokens() if self.config.mistakes_over == "choices" else None
 
-    def _winner(self, step: int, scored: list[dict]) -> dict:
-        """The best finalist with a finite score (see :meth:`_finalist_rank`)."""
-        finite = [s for s in scored if math.isfinite(s["score"]) and math.isfinite(s["answer_loss"])]
-        if not finite:
-            raise FloatingPointError(f"Step {step}: every finalist scored NaN or infinity; the optimizer model's "
-                                     "outputs are not finite (try dtype='float32').")
-        if len(finite) < len(scored):
-            logger.warning("Step %d: skipping finalists with a non-finite score: %s", step,
-                           [s["token"] for s in scored if s not in finite])
-        return min(finite, key=self._finalist_rank)
-
-    def _finalist_rank(self, scored: dict) -> tuple[float, float]:
-        """Lower is better (see ``GreaterConfig.finalist_key``)."""
-        if self.config.finalist_key == "loss":
-            return (scored["mistake_rate"], scored["answer_loss"] + self.config.score_fluency_weight * scored["fluency"])
-        return (scored["score"], scored["answer_loss"])
-
     def _round_trip(self, instruction: list[int]) -> list[int]:
         """The ids of the instruction's text: an edit whose decoded text re-encodes differently (a
         token that merges with its neighbour) continues from the re-encoded ids, so that the ids
@@ -467,6 +450,25 @@ def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     seconds[phase] = time.perf_counter() - started
+
+
+def pick_winner(step: int, scored: list[dict], config: GreaterConfig) -> dict:
+    """The best finalist with a finite score (see :func:`finalist_rank`)."""
+    finite = [s for s in scored if math.isfinite(s["score"]) and math.isfinite(s["answer_loss"])]
+    if not finite:
+        raise FloatingPointError(f"Step {step}: every finalist scored NaN or infinity; the optimizer model's "
+                                 "outputs are not finite (try dtype='float32').")
+    if len(finite) < len(scored):
+        logger.warning("Step %d: skipping finalists with a non-finite score: %s", step,
+                       [s["token"] for s in scored if s not in finite])
+    return min(finite, key=lambda s: finalist_rank(s, config))
+
+
+def finalist_rank(scored: dict, config: GreaterConfig) -> tuple[float, float]:
+    """A scored finalist's rank, lower is better (see ``GreaterConfig.finalist_key``)."""
+    if config.finalist_key == "loss":
+        return (scored["mistake_rate"], scored["answer_loss"] + config.score_fluency_weight * scored["fluency"])
+    return (scored["score"], scored["answer_loss"])
 
 
 def _finite_gradient(step: int, loss: float, grad: torch.Tensor) -> torch.Tensor:
