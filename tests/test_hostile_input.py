@@ -358,9 +358,8 @@ def test_nan_finalist_score_is_never_chosen(lm, layout, monkeypatch):
     real = OptimizerLM.score
     poisoned = []
 
-    def nan_for_first_finalist(self, seqs, *, answer_temperature, prefix=None, prefix_rows=None, choices=None):
-        scores = real(self, seqs, answer_temperature=answer_temperature, prefix=prefix, prefix_rows=prefix_rows,
-                      choices=choices)
+    def nan_for_first_finalist(self, seqs, *, prefix=None, prefix_rows=None, **options):
+        scores = real(self, seqs, prefix=prefix, prefix_rows=prefix_rows, **options)
         if prefix_rows is not None and not poisoned:  # a step's finalists, all in one call: poison the first
             poisoned.append(True)
             first = len(prefix.ids)
