@@ -239,8 +239,9 @@ def mistakes(args) -> None:
         instruction = layout.encode_instruction(reasoning_instruction("answer"))
         seqs = search.sequences(instruction, examples, search.reasoning(instruction, examples))
         choices = search.choice_first_tokens()
-        by_rule = {"vocabulary": lm.score(seqs, answer_temperature=0.2),
-                   "choices": lm.score(seqs, answer_temperature=0.2, correct_among=choices)}
+        temperature = search.config.answer_temperature
+        by_rule = {"vocabulary": lm.score(seqs, answer_temperature=temperature),
+                   "choices": lm.score(seqs, answer_temperature=temperature, correct_among=choices)}
         report[task] = {rule: sum(s.correct for s in scores) / len(scores) for rule, scores in by_rule.items()}
         print(f"{task}: right by the vocabulary's argmax {report[task]['vocabulary']:.2f}, among the choices "
               f"{report[task]['choices']:.2f}", flush=True)

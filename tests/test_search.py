@@ -195,6 +195,20 @@ def test_allowed_token_mask_excludes_every_special_added_token(lm, optimizer):
         assert not lm.allowed_token_mask(mode)[special].any(), mode
 
 
+@pytest.mark.slow
+def test_whole_words_mask_keeps_words_and_drops_fragments(lm, optimizer):
+    _, tokenizer = optimizer
+    words, whole = lm.allowed_token_mask("words"), lm.allowed_token_mask("whole_words")
+    assert not (whole & ~words).any()
+    for text in ["Use", "Answer", " step", " the", ".", ","]:  # words, space-led words, punctuation
+        assert whole[_ids(tokenizer, text)].all(), text
+    for text in ["ermat", "ys"]:  # pieces the tokenizer never holds as a space-led word
+        assert words[_ids(tokenizer, text)].all() and not whole[_ids(tokenizer, text)].any(), text
+    pieces = lm.word_piece_mask()
+    assert pieces[_ids(tokenizer, "Use")].all() and not pieces[_ids(tokenizer, " step")].any()
+    assert not pieces[_ids(tokenizer, ".")].any()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Proposals
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +260,25 @@ def test_proposals_grow_topk_and_respect_bans(lm, layout, navigate):
     # Past the end (growth) there is no current token to append.
     tail = large.propose(instruction, len(instruction), examples, random.Random(0))
     assert len(tail) >= 15 and instruction[-1] not in tail
+
+
+@pytest.mark.slow
+def test_whole_words_proposals_never_glue_onto_the_word_before(lm, layout, navigate):
+    extractor, nav = navigate
+    instruction = layout.encode("ermat proper logical reasoning and think step by step.")  # after a fragment
+    loose = _search(lm, layout, extractor, topk=40, intersect_q=2, intersect_size=4, min_candidates=20)
+    whole = _search(lm, layout, extractor, topk=40, intersect_q=2, intersect_size=4, min_candidates=20,
+                    allowed_tokens="whole_words")
+    pieces, mask = lm.word_piece_mask(), lm.allowed_token_mask("whole_words")
+    for position in (0, 1):
+        glued = [t for t in loose.propose(instruction, position, nav[:4], random.Random(0))[:-1] if pieces[t]]
+        candidates = whole.propose(instruction, position, nav[:4], random.Random(0))[:-1]
+        assert all(mask[c] for c in candidates)
+        if position == 0:  # a whole word starts the instruction; the paper's filter also lets fragments in
+            assert all(pieces[c] for c in candidates)
+            assert any(not mask[t] for t in glued)
+        else:  # after a word, only space-led words or punctuation
+            assert glued and not any(pieces[c] for c in candidates)
 
 
 # ---------------------------------------------------------------------------------------------

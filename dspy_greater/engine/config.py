@@ -89,7 +89,10 @@ class GreaterConfig:
         eval_every: Score the instruction on the held-out examples every this many steps (and at
             the end); the best held-out instruction is returned. Paper: picked offline from a top-10.
         allowed_tokens: ``"words"`` allows ASCII letters and spaces plus "." and "," (paper);
-            ``"ascii"`` any printable ASCII; ``"all"`` every non-special token.
+            ``"whole_words"`` those, where each new token is a whole word: space-led (or "." and
+            ","), or at the first position a token the tokenizer also holds as a space-led word;
+            never a piece glued onto the word before (no "ermat", no "ermatys"). ``"ascii"`` any
+            printable ASCII; ``"all"`` every non-special token.
         model_batch_size: Sequences per forward pass or generation batch (memory knob). Halved
             automatically, and the step retried, when a step runs out of memory.
         checkpoint_every: With a checkpoint file, rewrite it every this many steps (and at the end).
@@ -201,5 +204,6 @@ class GreaterConfig:
             raise ValueError(f"GreaterConfig.growth_token must be None or a non-empty text, got {self.growth_token!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"GreaterConfig.gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}.")
-        if self.allowed_tokens not in ("words", "ascii", "all"):
-            raise ValueError(f"GreaterConfig.allowed_tokens must be 'words', 'ascii' or 'all', got {self.allowed_tokens!r}.")
+        if self.allowed_tokens not in ("words", "whole_words", "ascii", "all"):
+            raise ValueError("GreaterConfig.allowed_tokens must be 'words', 'whole_words', 'ascii' or 'all', "
+                             f"got {self.allowed_tokens!r}.")

@@ -29,7 +29,7 @@ from dspy_greater.engine.kv_cache import ContextStore, Prefix, _ContextState, _P
 from dspy_greater.engine.layout import Sequence
 from dspy_greater.engine.losses import SequenceScore, span_terms
 from dspy_greater.engine.sampling import DEFAULT_TOP_K, LocalSampler
-from dspy_greater.engine.vocabulary import allowed_tokens, leading_space_tokens
+from dspy_greater.engine.vocabulary import allowed_tokens, leading_space_tokens, word_piece_tokens
 
 __all__ = ["KeptGradient", "OptimizerLM", "Prefix", "SequenceScore"]
 
@@ -98,6 +98,13 @@ class OptimizerLM:
         if "_leading_space" not in self._masks:
             self._masks["_leading_space"] = leading_space_tokens(self.tokenizer)
         return self._masks["_leading_space"]
+
+    def word_piece_mask(self) -> torch.Tensor:
+        """Letter tokens without a leading space (kept off an instruction's later positions under
+        ``allowed_tokens="whole_words"``, where they would glue onto the word before)."""
+        if "_word_piece" not in self._masks:
+            self._masks["_word_piece"] = word_piece_tokens(self.tokenizer)
+        return self._masks["_word_piece"]
 
     # -- forward helpers -------------------------------------------------------------------------
 

@@ -148,6 +148,8 @@ class GreaterSearch:
         allowed = self._allowed.clone()
         if position > 0:
             allowed[instruction[position - 1]] = False  # no token twice in a row
+            if self.config.allowed_tokens == "whole_words":
+                allowed &= ~self.lm.word_piece_mask()
         else:
             allowed &= ~self.lm.leading_space_mask()
         current = instruction[position] if position < len(instruction) else None
@@ -171,13 +173,12 @@ class GreaterSearch:
         reasoning = self.reasoning(instruction, examples)
         choices = list(self.extractor.choices)
         first_tokens = self.choice_first_tokens()
-        by_first_token = first_tokens is not None
         # One forward pass gives the answer loss and, at the first answer position, the prediction;
         # the inputs' cache comes from the store (position 0: the prefix is the inputs alone).
         prefix = self.prefix(instruction, 0, examples) if self.config.prefix_cache else None
         scores = self.lm.score(self.sequences(instruction, examples, reasoning), answer_temperature=self.config.answer_temperature,
-                               prefix=prefix, choices=first_tokens if by_first_token else None)
-        if by_first_token:
+                               prefix=prefix, choices=first_tokens)
+        if first_tokens is not None:
             predictions = [choices[max(range(len(choices)), key=s.choice_logits.__getitem__)] for s in scores]
         else:
             contexts = [self.layout.prompt(ex.inputs_text, instruction).ids + r + self.extractor_ids
