@@ -91,7 +91,7 @@ def _run_demo(args: argparse.Namespace, server) -> dict:
 
     _print_instructions(before["instruction"], optimized.greater_results["predict"]["initial_instruction"],
                         after["instruction"])
-    print(f"\nOptimizer model's answers on {len(test)} held-out test examples "
+    print(f"\nOptimizer model's answers on {len(test)} test examples, none used to choose "
           "(balanced = mean recall per label; a model that always gives one label scores 1/#labels):")
     _print_table([before, after])
     if server:
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "off on CPUs with AMX or AVX-512-BF16")
     demo.add_argument("--device", default=None, help="optimizer model device, e.g. cuda (default: cuda if available)")
     demo.add_argument("--train", type=int, default=24, help="training rows (default: 24)")
-    demo.add_argument("--val", type=int, default=12, help="held-out rows the instruction is chosen on (default: 12)")
-    demo.add_argument("--test", type=int, default=40, help="test rows for before/after (default: 40)")
+    demo.add_argument("--val", type=int, default=30, help="held-out rows the instruction is chosen on (default: 30)")
+    demo.add_argument("--test", type=int, default=100, help="test rows for before/after (default: 100)")
     demo.add_argument("--steps", type=int, default=10, help="search steps (default: 10)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split and the search (default: 0)")
     demo.add_argument("--instruction", default=None, help="initial instruction (default: the program's own)")
