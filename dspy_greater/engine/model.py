@@ -16,6 +16,8 @@ The caches are in :mod:`~dspy_greater.engine.kv_cache`, the loss terms in
 
 from __future__ import annotations
 
+import functools
+
 import inspect
 import itertools
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from dspy_greater.engine.kv_cache import ContextStore, Prefix, _ContextState, _P
 from dspy_greater.engine.layout import Sequence
 from dspy_greater.engine.losses import SequenceScore, span_terms
 from dspy_greater.engine.sampling import DEFAULT_TOP_K, LocalSampler
-from dspy_greater.engine.vocabulary import allowed_tokens, leading_space_tokens, word_piece_tokens
+from dspy_greater.engine.vocabulary import allowed_tokens, leading_space_tokens, token_texts, word_piece_tokens
 
 __all__ = ["KeptGradient", "OptimizerLM", "Prefix", "SequenceScore"]
 
@@ -89,21 +91,25 @@ class OptimizerLM:
         """Boolean mask over the vocabulary of tokens the search may place in an instruction (see
         :func:`~dspy_greater.engine.vocabulary.allowed_tokens` for the modes). Computed once per mode."""
         if mode not in self._masks:
-            self._masks[mode] = allowed_tokens(self.tokenizer, mode)
+            self._masks[mode] = allowed_tokens(self.tokenizer, mode, self._token_texts)
         return self._masks[mode]
+
+    @functools.cached_property
+    def _token_texts(self) -> list[str]:
+        return token_texts(self.tokenizer)
 
     def leading_space_mask(self) -> torch.Tensor:
         """Tokens whose text starts with whitespace (kept out of an instruction's first position,
         where the layout already separates it, so the instruction text round-trips)."""
         if "_leading_space" not in self._masks:
-            self._masks["_leading_space"] = leading_space_tokens(self.tokenizer)
+            self._masks["_leading_space"] = leading_space_tokens(self._token_texts)
         return self._masks["_leading_space"]
 
     def word_piece_mask(self) -> torch.Tensor:
         """Letter tokens without a leading space (kept off an instruction's later positions under
         ``allowed_tokens="whole_words"``, where they would glue onto the word before)."""
         if "_word_piece" not in self._masks:
-            self._masks["_word_piece"] = word_piece_tokens(self.tokenizer)
+            self._masks["_word_piece"] = word_piece_tokens(self._token_texts)
         return self._masks["_word_piece"]
 
     # -- forward helpers -------------------------------------------------------------------------

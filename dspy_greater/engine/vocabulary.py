@@ -11,7 +11,12 @@ _WORD_TOKEN = re.compile(r"[A-Za-z ]+")
 _LETTERS = re.compile(r"[A-Za-z]+")
 
 
-def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str) -> torch.Tensor:
+def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Each token's text, decoded alone."""
+    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+
+
+def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[str] | None = None) -> torch.Tensor:
     """Tokens the search may place in an instruction.
 
     ``"words"``: ASCII letters and spaces, plus exactly "." and "," (the paper's filter);
@@ -19,10 +24,11 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str) -> torch.Tenso
     not also hold as a space-led word (so "Use" stays, the fragment "ermat" goes; the search keeps
     the remaining word pieces off every position but the first, see :func:`word_piece_tokens`);
     ``"ascii"``: printable ASCII; ``"all"``: every non-special token. Special tokens and tokens
-    that decode to nothing or to part of a character are never allowed.
+    that decode to nothing or to part of a character are never allowed. ``texts``: the
+    tokenizer's :func:`token_texts`, when already at hand.
     """
     size = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(size)])
+    texts = token_texts(tokenizer) if texts is None else texts
     special = set(tokenizer.all_special_ids)
     special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
     mask = torch.zeros(size, dtype=torch.bool)
@@ -40,13 +46,12 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str) -> torch.Tenso
     return mask
 
 
-def leading_space_tokens(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Tokens whose text starts with whitespace."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+def leading_space_tokens(texts: list[str]) -> torch.Tensor:
+    """Tokens whose text (of :func:`token_texts`) starts with whitespace."""
     return torch.tensor([t[:1].isspace() for t in texts], dtype=torch.bool)
 
 
-def word_piece_tokens(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Tokens of letters alone without a leading space: placed after a word, they extend it."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+def word_piece_tokens(texts: list[str]) -> torch.Tensor:
+    """Tokens whose text (of :func:`token_texts`) is letters alone without a leading space: placed
+    after a word, they extend it."""
     return torch.tensor([bool(_LETTERS.fullmatch(t)) for t in texts], dtype=torch.bool)
