@@ -12,8 +12,19 @@ _LETTERS = re.compile(r"[A-Za-z]+")
 
 
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Each token's text, decoded alone."""
-    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    """Each token's text as it reads inside a text, leading space included.
+
+    Each token is decoded after an anchor token and the anchor's text cut off: SentencePiece
+    tokenizers of the legacy (Llama-2) kind strip a leading space from the start of what they decode,
+    so a token decoded alone would never show one.
+    """
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    lead = tokenizer.decode([anchor], clean_up_tokenization_spaces=False)
+    pairs = tokenizer.batch_decode([[anchor, i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+    return [
+        pair[len(lead):] if pair.startswith(lead) else tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        for i, pair in enumerate(pairs)
+    ]
 
 
 def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[str] | None = None) -> torch.Tensor:
@@ -29,6 +40,7 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[st
     """
     size = len(tokenizer)
     texts = token_texts(tokenizer) if texts is None else texts
+    space_led = {text for text in texts if text[:1] == " "}
     special = set(tokenizer.all_special_ids)
     special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
     mask = torch.zeros(size, dtype=torch.bool)
@@ -38,7 +50,7 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[st
         if mode in ("words", "whole_words"):
             mask[i] = bool(_WORD_TOKEN.fullmatch(text)) or text in (".", ",")
             if mode == "whole_words" and mask[i] and _LETTERS.fullmatch(text):
-                mask[i] = len(tokenizer.encode(" " + text, add_special_tokens=False)) == 1
+                mask[i] = " " + text in space_led
         elif mode == "ascii":
             mask[i] = text.isascii() and text.isprintable()
         else:
