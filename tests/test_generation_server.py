@@ -1,12 +1,20 @@
-"""Reasoning generated on a real llama.cpp server serving the embedded GGUF (the optimizer model's weights)."""
+"""Reasoning generated on a real llama.cpp server serving the embedded GGUF (the optimizer model's weights).
+
+With ``DSPY_GREATER_GENERATION_SERVER`` set to an OpenAI-compatible URL (``http://127.0.0.1:8000/v1``),
+the same tests run against that server instead: it must serve the embedded model's weights (how the
+vLLM recipe of docs/performance.md is checked).
+"""
+
+import os
 
 import dspy
 import pytest
 
 from dspy_greater import GReaTerTeleprompter
 from dspy_greater.data import load_examples
-from dspy_greater.targets.generation import CompletionServerGenerator, GenerationServerError
+from dspy_greater.targets.generation import CompletionServerGenerator, GenerationServerError, check_generation_server
 from dspy_greater.engine.model import OptimizerLM
+from dspy_greater.models.loading import gemma3_270m_path
 from dspy_greater.targets.llama_cpp import LlamaCppServer
 
 pytestmark = pytest.mark.slow
@@ -14,6 +22,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server():
+    url = os.environ.get("DSPY_GREATER_GENERATION_SERVER")
+    if url:
+        yield url
+        return
     with LlamaCppServer(n_threads=1) as running:
         yield running
 
@@ -62,7 +74,7 @@ def test_compile_generates_on_the_server(tiny_teleprompter, server):
 
     assert teleprompter._lm.generator.requests >= 3
     assert compiled.greater_results["predict"]["trace"][0]["step"] == 0
-    assert teleprompter.get_params()["generation_server"] == server.api_base
+    assert teleprompter.get_params()["generation_server"] == getattr(server, "api_base", server)
 
 
 def test_unreachable_server_names_the_url_and_the_fix(optimizer):
@@ -83,7 +95,28 @@ def test_a_down_server_fails_compile_before_the_model_loads(no_model):
 
 
 def test_a_model_the_server_does_not_serve_fails_before_the_model_loads(no_model, server):
+    served = getattr(server, "alias", None) or check_generation_server(server)
     teleprompter = GReaTerTeleprompter(generation_server=server, generation_model="no-such-model", progress=False)
     train = load_examples("navigate")[:6]
-    with pytest.raises(GenerationServerError, match=rf"does not serve 'no-such-model'.*{server.alias}.*generation_model="):
+    with pytest.raises(GenerationServerError, match=rf"does not serve 'no-such-model'.*{served}.*generation_model="):
         teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train[:4], valset=train[4:])
+
+
+def test_a_server_that_adds_bos_sees_the_prompt_tokens_once():
+    """Gemma's tokenizer adds BOS and so does the server (llama.cpp by the GGUF's flag): the prompt's
+    own BOS is left out of the text, or the server would read two."""
+    import json
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    path = gemma3_270m_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ids = tokenizer("<start_of_turn>user\nWhich way?<end_of_turn>\n<start_of_turn>model\n").input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    with LlamaCppServer(path, n_threads=1) as gemma:
+        text = CompletionServerGenerator(gemma, tokenizer).prompt_text(ids)
+        request = urllib.request.Request(gemma.api_base.removesuffix("/v1") + "/extras/tokenize",
+                                         json.dumps({"input": text}).encode(), {"Content-Type": "application/json"})
+        served = json.loads(urllib.request.urlopen(request, timeout=60).read())["tokens"]
+    assert served == ids

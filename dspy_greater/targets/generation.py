@@ -112,6 +112,11 @@ class CompletionServerGenerator:
         self.timeout = timeout
         self.model = model or alias or check_generation_server(url, api_key=api_key, timeout=timeout)
         self.requests = 0
+        # Servers tokenize a text prompt as the tokenizer does by default, BOS included (vLLM, and
+        # llama.cpp by the GGUF's flag): a prompt that already starts with BOS goes without it.
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+        self._server_bos = [bos] if adds_bos else []
 
     def __repr__(self) -> str:
         return f"CompletionServerGenerator({self.api_base!r}, model={self.model!r})"
@@ -119,10 +124,16 @@ class CompletionServerGenerator:
     def _call(self, path: str, payload: dict | None = None) -> dict:
         return _request(f"{self.api_base}{path}", payload, self.api_key, self.timeout)
 
+    def prompt_text(self, prompt: list[int]) -> str:
+        """The text to send for ``prompt`` (token ids), such that the server's tokens are ``prompt``."""
+        if self._server_bos and prompt[:1] == self._server_bos:
+            prompt = prompt[1:]
+        return self.tokenizer.decode(prompt, skip_special_tokens=False)
+
     def _complete(self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float) -> list[int]:
         payload = {
             "model": self.model,
-            "prompt": self.tokenizer.decode(prompt, skip_special_tokens=False),
+            "prompt": self.prompt_text(prompt),
             "max_tokens": max_new_tokens,
             "temperature": temperature,
             "top_p": top_p,
