@@ -192,25 +192,34 @@ def _shared(args) -> list[str]:
 
 
 def fit(args) -> None:
-    """Time per step = a + b x parameters x tokens processed, fitted on all but the largest shape."""
+    """Time per step against the work of a step, fitted on the two smallest shapes, checked on the largest.
+
+    Two models, each with two constants fitted: ``linear``, a + b x FLOPs (the same line as
+    a + b' x parameters x tokens); ``matmul+vector``, a + FLOPs / (the measured matmul peak) +
+    c x FLOPs / hidden size, where the last term is the work that grows with tokens x layers x hidden
+    size rather than its square (norms, activations, attention's softmax, memory traffic), so its
+    share of a step falls as the model widens.
+    """
     data = json.loads(pathlib.Path(args.report).read_text())
     out = {"report": args.report, "protocols": {}}
     for protocol in ("default", "paper"):
-        points = [(s["parameters"], s["protocols"][protocol]) for s in data["shapes"] if protocol in s["protocols"]]
-        if len(points) < 3:
+        shapes = sorted((s for s in data["shapes"] if protocol in s["protocols"]), key=lambda s: s["parameters"])
+        if len(shapes) < 3:
             continue
-        points.sort(key=lambda p: p[0])
-        # Work of a step: FLOPs counted; a + b * FLOPs is the same line as a + b' * parameters * tokens.
-        xs = [p["flops_per_step"] for _, p in points]
-        ys = [p["seconds_per_step"] for _, p in points]
-        (x0, x1), (y0, y1) = xs[:2], ys[:2]
-        b = (y1 - y0) / (x1 - x0)
-        a = y0 - b * x0
-        predicted = a + b * xs[-1]
-        out["protocols"][protocol] = {"a": a, "b": b, "predicted_largest": predicted, "measured_largest": ys[-1],
-                                      "error": predicted / ys[-1] - 1}
-        print(f"{protocol}: fitted on the two smallest shapes, predicts {predicted:.1f} s/step for the largest "
-              f"against {ys[-1]:.1f} measured ({predicted / ys[-1] - 1:+.0%})")
+        flops = [s["protocols"][protocol]["flops_per_step"] for s in shapes]
+        seconds = [s["protocols"][protocol]["seconds_per_step"] for s in shapes]
+        matrix = [f / s["matmul_peak_flops"] for f, s in zip(flops, shapes)]
+        vector = [f / SHAPES[s["shape"]][0] for f, s in zip(flops, shapes)]
+        models = {}
+        for name, fixed, xs in (("linear", [0.0] * len(shapes), flops), ("matmul+vector", matrix, vector)):
+            ys = [t - m for t, m in zip(seconds, fixed)]
+            b = (ys[1] - ys[0]) / (xs[1] - xs[0])
+            a = ys[0] - b * xs[0]
+            predicted = a + fixed[-1] + b * xs[-1]
+            models[name] = {"a": a, "b": b, "predicted_largest": predicted, "error": predicted / seconds[-1] - 1}
+            print(f"{protocol}, {name}: fitted on the two smallest shapes, predicts {predicted:.1f} s/step for the "
+                  f"largest against {seconds[-1]:.1f} measured ({predicted / seconds[-1] - 1:+.0%})")
+        out["protocols"][protocol] = {"measured_largest": seconds[-1], "models": models}
     out["projection_8b_h100"] = project_8b()
     for name, p in out["projection_8b_h100"].items():
         print(f"8B on one H100, {name}: {p['hours']:.2f} h ({p['steps']} steps, {p['seconds_per_step']:.1f} s/step)")
