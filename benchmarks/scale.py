@@ -268,23 +268,27 @@ def plot(data: dict, path: pathlib.Path) -> None:
 
 def project_8b(mfu: float = 0.4, prompt_tokens: int = 250) -> dict:
     """An 8B step on one H100 from first principles: matrix FLOPs at ``mfu`` of the bf16 peak, and
-    generation bound by reading the weights once per decoding step (batched rows share the read)."""
+    generation bound by memory reads: the weights once per decoding step (batched rows share the
+    read) plus every row's KV cache so far."""
     hidden, inter, layers, heads, kv, _ = SHAPES["llama-3-8b"]
     per_layer = 2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter
     params = layers * per_layer + 2 * 128256 * hidden
     weight_bytes = 2 * params
+    kv_bytes_per_token = layers * 2 * kv * (hidden // heads) * 2
     out = {}
     for name, steps, examples, reasoning, finalists, regenerate, batch in (
             ("default compile", 10, 6, 256, 3, False, 6), ("paper protocol", 100, 50, 1024, 3, True, 50)):
         sequence = prompt_tokens + reasoning
         generations = 1 + (finalists if regenerate else 0)
-        decode_seconds = generations * reasoning * weight_bytes / H100_BYTES_PER_S * max(1, examples // 64 + 1)
+        cache_bytes = examples * (prompt_tokens + reasoning / 2) * kv_bytes_per_token  # mean over the decoding steps
+        read_bytes = weight_bytes * max(1, examples // 64 + 1) + cache_bytes
+        decode_seconds = generations * reasoning * read_bytes / H100_BYTES_PER_S
         forward_flops = 2 * params * sequence * examples
         flops = forward_flops * (1 + 3 + finalists)  # proposals + forward and backward + finalist scoring
         seconds = decode_seconds + flops / (mfu * H100_BF16_FLOPS)
         out[name] = {"steps": steps, "examples": examples, "reasoning_tokens": reasoning, "seconds_per_step": seconds,
                      "hours": steps * seconds / 3600, "assumptions": f"{mfu:.0%} of bf16 peak for matrix work; "
-                     "decoding reads the weights once per token for up to 64 rows"}
+                     "decoding reads the weights once per token for up to 64 rows, and each row's KV cache"}
     return out
 
 
