@@ -204,9 +204,12 @@ def test_whole_words_mask_keeps_words_and_drops_fragments(lm, optimizer):
         assert whole[_ids(tokenizer, text)].all(), text
     for text in ["ermat", "ys"]:  # pieces the tokenizer never holds as a space-led word
         assert words[_ids(tokenizer, text)].all() and not whole[_ids(tokenizer, text)].any(), text
-    pieces = lm.word_piece_mask()
-    assert pieces[_ids(tokenizer, "Use")].all() and not pieces[_ids(tokenizer, " step")].any()
-    assert not pieces[_ids(tokenizer, ".")].any()
+    later = lm.position_token_mask("whole_words", first=False)  # no word piece after a word
+    assert not later[_ids(tokenizer, "Use")].any() and later[_ids(tokenizer, " step")].all()
+    assert later[_ids(tokenizer, ".")].all()
+    first = lm.position_token_mask("whole_words", first=True)  # a word, never space-led, starts it
+    assert first[_ids(tokenizer, "Use")].all() and not first[_ids(tokenizer, " step")].any()
+    assert lm.position_token_mask("words", first=False) is lm.position_token_mask("words", first=False)
 
 
 def _legacy_sentencepiece_tokenizer():
@@ -226,14 +229,14 @@ def _legacy_sentencepiece_tokenizer():
 
 
 def test_token_texts_keep_the_space_a_legacy_sentencepiece_decoder_strips():
-    from dspy_greater.engine.vocabulary import allowed_tokens, leading_space_tokens, token_texts
+    from dspy_greater.engine.vocabulary import allowed_tokens, position_tokens, token_texts
 
     tokenizer = _legacy_sentencepiece_tokenizer()
     the = tokenizer.convert_tokens_to_ids("▁the")
     assert tokenizer.decode([the]) == "the"  # the decoder strips the space of a token alone
     texts = token_texts(tokenizer)
     assert texts[the] == " the"
-    assert leading_space_tokens(texts)[the]
+    assert not position_tokens(allowed_tokens(tokenizer, "words", texts), texts, "words", first=True)[the]
     st, ep = tokenizer.convert_tokens_to_ids(["st", "ep"])  # pieces inside a word: no space
     assert (texts[st], texts[ep]) == ("st", "ep")
     words, whole = (allowed_tokens(tokenizer, mode, texts) for mode in ("words", "whole_words"))
@@ -264,7 +267,8 @@ def test_proposals_are_task_conditioned_and_deterministic(lm, layout, navigate, 
     # by log-probability, then the current token. Position 0 takes no leading-space tokens.
     context = layout.frame(nav[0].inputs_text)[0]
     logprobs = lm.next_token_logprobs([context])[0]
-    allowed = lm.allowed_token_mask("words") & ~lm.leading_space_mask()
+    allowed = lm.position_token_mask("words", first=True)
+    assert not (allowed & ~lm.allowed_token_mask("words")).any()
     assert not any(layout.decode([t])[:1].isspace() for t in on_nav)
     top8 = logprobs.masked_fill(~allowed, -math.inf).topk(8).indices.tolist()
     assert on_nav[:-1] == [t for t in top8 if t != instruction[0]]
@@ -302,7 +306,9 @@ def test_whole_words_proposals_never_glue_onto_the_word_before(lm, layout, navig
     loose = _search(lm, layout, extractor, topk=40, intersect_q=2, intersect_size=4, min_candidates=20)
     whole = _search(lm, layout, extractor, topk=40, intersect_q=2, intersect_size=4, min_candidates=20,
                     allowed_tokens="whole_words")
-    pieces, mask = lm.word_piece_mask(), lm.allowed_token_mask("whole_words")
+    texts = lm._token_texts
+    pieces = torch.tensor([bool(re.fullmatch(r"[A-Za-z]+", t)) for t in texts])
+    mask = lm.allowed_token_mask("whole_words")
     for position in (0, 1):
         glued = [t for t in loose.propose(instruction, position, nav[:4], random.Random(0))[:-1] if pieces[t]]
         candidates = whole.propose(instruction, position, nav[:4], random.Random(0))[:-1]

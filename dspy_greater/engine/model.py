@@ -31,7 +31,7 @@ from dspy_greater.engine.kv_cache import ContextStore, Prefix, _ContextState, _P
 from dspy_greater.engine.layout import Sequence
 from dspy_greater.engine.losses import SequenceScore, span_terms
 from dspy_greater.engine.sampling import DEFAULT_TOP_K, LocalSampler
-from dspy_greater.engine.vocabulary import allowed_tokens, leading_space_tokens, token_texts, word_piece_tokens
+from dspy_greater.engine.vocabulary import allowed_tokens, position_tokens, token_texts
 
 __all__ = ["KeptGradient", "OptimizerLM", "Prefix", "SequenceScore"]
 
@@ -70,7 +70,7 @@ class OptimizerLM:
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
-        self._masks: dict[str, torch.Tensor] = {}
+        self._masks: dict[str | tuple[str, bool], torch.Tensor] = {}
         #: The inputs' key/value caches kept across :meth:`prefill` and :meth:`generate` calls.
         self.contexts = ContextStore(int(context_cache_mb * 2**20))
         forward_args = inspect.signature(model.base_model.forward).parameters
@@ -98,19 +98,13 @@ class OptimizerLM:
     def _token_texts(self) -> list[str]:
         return token_texts(self.tokenizer)
 
-    def leading_space_mask(self) -> torch.Tensor:
-        """Tokens whose text starts with whitespace (kept out of an instruction's first position,
-        where the layout already separates it, so the instruction text round-trips)."""
-        if "_leading_space" not in self._masks:
-            self._masks["_leading_space"] = leading_space_tokens(self._token_texts)
-        return self._masks["_leading_space"]
-
-    def word_piece_mask(self) -> torch.Tensor:
-        """Letter tokens without a leading space (kept off an instruction's later positions under
-        ``allowed_tokens="whole_words"``, where they would glue onto the word before)."""
-        if "_word_piece" not in self._masks:
-            self._masks["_word_piece"] = word_piece_tokens(self._token_texts)
-        return self._masks["_word_piece"]
+    def position_token_mask(self, mode: str, *, first: bool) -> torch.Tensor:
+        """:meth:`allowed_token_mask` narrowed for an instruction's first position or a later one
+        (see :func:`~dspy_greater.engine.vocabulary.position_tokens`). Computed once per case."""
+        key = (mode, first)
+        if key not in self._masks:
+            self._masks[key] = position_tokens(self.allowed_token_mask(mode), self._token_texts, mode, first=first)
+        return self._masks[key]
 
     # -- forward helpers -------------------------------------------------------------------------
 

@@ -72,7 +72,6 @@ class GreaterSearch:
         self._reasoner = ReasoningCache(lm, layout, config, self.sampling_rng)
         self._reasoning = self._reasoner.stored  # (inputs_text, instruction ids) -> reasoning ids
         self._kept_gradients: dict[tuple[SearchExample, tuple[int, ...]], KeptGradient] = {}
-        self._allowed = lm.allowed_token_mask(config.allowed_tokens)
         self._growth_id = None
         if config.growth_token is not None:
             ids = layout.encode(config.growth_token)
@@ -145,13 +144,9 @@ class GreaterSearch:
                 logprobs = self.lm.prefill(contexts, [len(c) - position for c in contexts]).next_logprobs
             else:
                 logprobs = self.lm.next_token_logprobs(contexts)
-        allowed = self._allowed.clone()
+        allowed = self.lm.position_token_mask(self.config.allowed_tokens, first=position == 0).clone()
         if position > 0:
             allowed[instruction[position - 1]] = False  # no token twice in a row
-            if self.config.allowed_tokens == "whole_words":
-                allowed &= ~self.lm.word_piece_mask()
-        else:
-            allowed &= ~self.lm.leading_space_mask()
         current = instruction[position] if position < len(instruction) else None
         return candidates_from_logprobs(logprobs, allowed, current, self.config, rng)
 

@@ -32,8 +32,8 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[st
 
     ``"words"``: ASCII letters and spaces, plus exactly "." and "," (the paper's filter);
     ``"whole_words"``: those, less the letter tokens without a leading space that the tokenizer does
-    not also hold as a space-led word (so "Use" stays, the fragment "ermat" goes; the search keeps
-    the remaining word pieces off every position but the first, see :func:`word_piece_tokens`);
+    not also hold as a space-led word (so "Use" stays, the fragment "ermat" goes; the remaining word
+    pieces stay off every position but the first, see :func:`position_tokens`);
     ``"ascii"``: printable ASCII; ``"all"``: every non-special token. Special tokens and tokens
     that decode to nothing or to part of a character are never allowed. ``texts``: the
     tokenizer's :func:`token_texts`, when already at hand.
@@ -58,12 +58,16 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[st
     return mask
 
 
-def leading_space_tokens(texts: list[str]) -> torch.Tensor:
-    """Tokens whose text (of :func:`token_texts`) starts with whitespace."""
-    return torch.tensor([t[:1].isspace() for t in texts], dtype=torch.bool)
+def position_tokens(allowed: torch.Tensor, texts: list[str], mode: str, *, first: bool) -> torch.Tensor:
+    """``allowed`` (of :func:`allowed_tokens` in ``mode``) narrowed for one instruction position.
 
-
-def word_piece_tokens(texts: list[str]) -> torch.Tensor:
-    """Tokens whose text (of :func:`token_texts`) is letters alone without a leading space: placed
-    after a word, they extend it."""
-    return torch.tensor([bool(_LETTERS.fullmatch(t)) for t in texts], dtype=torch.bool)
+    The first position takes no token whose text (of :func:`token_texts`) starts with whitespace:
+    the layout already separates the instruction, so its text round-trips. Under ``"whole_words"``
+    a later position takes no word piece (letters without a leading space), which would glue onto
+    the word before.
+    """
+    if first:
+        return allowed & ~torch.tensor([t[:1].isspace() for t in texts], dtype=torch.bool)
+    if mode == "whole_words":
+        return allowed & ~torch.tensor([bool(_LETTERS.fullmatch(t)) for t in texts], dtype=torch.bool)
+    return allowed
