@@ -212,39 +212,6 @@ def test_whole_words_mask_keeps_words_and_drops_fragments(lm, optimizer):
     assert lm.position_token_mask("words", first=False) is lm.position_token_mask("words", first=False)
 
 
-def _legacy_sentencepiece_tokenizer():
-    """A small BPE tokenizer built like Llama-2's: "▁" marks a word start, and decoding strips the
-    first space of the text (so " the" decoded alone reads "the")."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    text = ["Let's think step by step, then state the answer.", "Use the options to answer the question."] * 20
-    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<s>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def test_token_texts_keep_the_space_a_legacy_sentencepiece_decoder_strips():
-    from dspy_greater.engine.vocabulary import allowed_tokens, position_tokens, token_texts
-
-    tokenizer = _legacy_sentencepiece_tokenizer()
-    the = tokenizer.convert_tokens_to_ids("▁the")
-    assert tokenizer.decode([the]) == "the"  # the decoder strips the space of a token alone
-    texts = token_texts(tokenizer)
-    assert texts[the] == " the"
-    assert not position_tokens(allowed_tokens(tokenizer, "words", texts), texts, "words", first=True)[the]
-    st, ep = tokenizer.convert_tokens_to_ids(["st", "ep"])  # pieces inside a word: no space
-    assert (texts[st], texts[ep]) == ("st", "ep")
-    words, whole = (allowed_tokens(tokenizer, mode, texts) for mode in ("words", "whole_words"))
-    assert words[ep] and not whole[ep]  # "▁ep" is not in the vocabulary: a fragment
-    assert whole[st] and whole[the]  # "▁st" is: "st" can start a word
-    assert not words[tokenizer.convert_tokens_to_ids("<s>")]
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. Proposals
 # ---------------------------------------------------------------------------------------------

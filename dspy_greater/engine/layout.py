@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from dspy_greater.engine.text import PLAIN_ANSWER_CUE, SEPARATOR
+from dspy_greater.engine.vocabulary import continuation_encoder
 
 SENTINEL = "\u2063GREATER_INSTRUCTION\u2063"  # stands for the instruction while rendering a template
 
@@ -79,10 +80,11 @@ class GreaterLayout:
         self.separator = separator
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self._context_cache: dict[str, tuple[list[int], list[int]]] = {}
+        self._encode_inside = continuation_encoder(tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` alone, without special tokens."""
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        """Token ids of ``text`` as it reads inside a sequence, without special tokens."""
+        return self._encode_inside(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -121,7 +123,7 @@ class GreaterLayout:
         else:
             before, after = f"{inputs_text}{self.separator}", PLAIN_ANSWER_CUE
         bos = self.tokenizer.bos_token
-        before_ids = self.encode(before)
+        before_ids = self.tokenizer.encode(before, add_special_tokens=False)  # the sequence's start
         if not self.has_chat_template and bos and self.tokenizer.bos_token_id is not None:
             before_ids = [self.tokenizer.bos_token_id, *before_ids]
         framed = (before_ids, self.encode(after))

@@ -1,14 +1,44 @@
-"""Which tokens the search may place in an instruction, as boolean masks over a tokenizer's vocabulary."""
+"""A tokenizer's vocabulary as the search sees it: each token's text, which tokens the search may
+place in an instruction (boolean masks over the vocabulary), and text encoded as it reads inside a
+sequence."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 _WORD_TOKEN = re.compile(r"[A-Za-z ]+")
 _LETTERS = re.compile(r"[A-Za-z]+")
+
+
+def continuation_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], list[int]]:
+    """A function giving the token ids of a text as it reads after other text (no special tokens).
+
+    SentencePiece tokenizers with a dummy prefix (Llama-2, Mistral, TinyLlama) mark the start of
+    every text they encode as a word start: "Yes" alone encodes as " Yes". For those the text is
+    encoded after a newline (or, where the text merges into that, a space) whose tokens are then
+    cut off; other tokenizers encode it as is.
+    """
+
+    def plain(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    b, a = plain("b"), plain("a")
+    if tokenizer.decode(b + a, clean_up_tokenization_spaces=False) != "b a":
+        return plain
+    anchors = [(text, plain(text)) for text in ("\n", " ")]
+
+    def after_anchor(text: str) -> list[int]:
+        for anchor, anchor_ids in anchors:  # the first whose tokens the text does not merge into
+            joined = plain(anchor + text)
+            if text and joined[: len(anchor_ids)] == anchor_ids:
+                return joined[len(anchor_ids):]
+        return plain(text)
+
+    return after_anchor
 
 
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:

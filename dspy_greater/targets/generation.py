@@ -23,6 +23,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from dspy_greater.engine.vocabulary import continuation_encoder
+
 
 class GenerationServerError(RuntimeError):
     """The completion server cannot be reached or answers with an error."""
@@ -117,6 +119,7 @@ class CompletionServerGenerator:
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
         self._server_bos = [bos] if adds_bos else []
+        self._encode_reply = continuation_encoder(tokenizer)  # the reply continues the prompt
 
     def __repr__(self) -> str:
         return f"CompletionServerGenerator({self.api_base!r}, model={self.model!r})"
@@ -141,7 +144,7 @@ class CompletionServerGenerator:
         reply = self._call("/completions", payload)
         self.requests += 1
         text = reply["choices"][0]["text"]
-        return self.tokenizer(text, add_special_tokens=False).input_ids[:max_new_tokens]
+        return self._encode_reply(text)[:max_new_tokens]
 
     def __call__(
         self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
