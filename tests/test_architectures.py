@@ -16,10 +16,10 @@ import transformers
 
 from dspy_greater.engine.layout import GreaterLayout
 from dspy_greater.engine.model import OptimizerLM
+from test_model import ANSWER_TEMPERATURE, _assert_same_prefix, _assert_scores_match_full_forward, _prefix_of
 
 pytestmark = pytest.mark.slow
 
-ANSWER_TEMPERATURE = 0.2
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=2048)
 ARCHITECTURES = {
@@ -45,10 +45,6 @@ def architecture(request, optimizer):
     return model, tokenizer
 
 
-def _prefix(lm, seqs, position):
-    return lm.prefill([s.ids[: s.instruction_start + position] for s in seqs], [s.instruction_start for s in seqs])
-
-
 def test_kept_caches_scores_and_gradients_equal_plain_passes(architecture):
     model, tokenizer = architecture
     plain_lm = OptimizerLM(model, tokenizer, batch_size=2, context_cache_mb=0)
@@ -61,16 +57,11 @@ def test_kept_caches_scores_and_gradients_equal_plain_passes(architecture):
     seqs = [layout.full(q, instruction, reasoning, extractor, answer) for q in questions]
     kwargs = dict(answer_temperature=ANSWER_TEMPERATURE, fluency_weight=0.2)
     for position in (0, 2):
-        plain = _prefix(plain_lm, seqs, position)
+        plain = _prefix_of(plain_lm, seqs, position)
         for _ in range(2):  # the first call stores the inputs, the second reuses them
-            prefix = _prefix(stored_lm, seqs, position)
-            torch.testing.assert_close(prefix.next_logprobs, plain.next_logprobs, rtol=0, atol=2e-4)
-            cached = stored_lm.score(seqs, answer_temperature=ANSWER_TEMPERATURE, prefix=prefix)
-            full = plain_lm.score(seqs, answer_temperature=ANSWER_TEMPERATURE)
-            for a, b in zip(cached, full):
-                assert a.correct == b.correct
-                assert a.answer_loss == pytest.approx(b.answer_loss, abs=2e-4)
-                assert a.fluency == pytest.approx(b.fluency, abs=2e-4)
+            prefix = _prefix_of(stored_lm, seqs, position)
+            _assert_same_prefix(prefix, plain)
+            _assert_scores_match_full_forward(stored_lm, plain_lm, seqs, prefix)
         candidates = [instruction[position], *layout.encode(" Please read")]
         loss, grad = plain_lm.one_hot_gradient(seqs, position, candidates, **kwargs)
         cached_loss, cached_grad = stored_lm.one_hot_gradient(seqs, position, candidates, prefix=prefix, **kwargs)
