@@ -195,10 +195,10 @@ def fit(args) -> None:
     """Time per step against the work of a step, fitted on the two smallest shapes, checked on the largest.
 
     Two models, each with two constants fitted: ``linear``, a + b x FLOPs (the same line as
-    a + b' x parameters x tokens); ``matmul+vector``, a + FLOPs / (the measured matmul peak) +
-    c x FLOPs / hidden size, where the last term is the work that grows with tokens x layers x hidden
-    size rather than its square (norms, activations, attention's softmax, memory traffic), so its
-    share of a step falls as the model widens.
+    a + b' x parameters x tokens); ``matmul+vector``, a + FLOPs / (the matmul peak measured in the
+    fitted shapes' runs) + c x FLOPs / hidden size, where the last term is the work that grows with
+    tokens x layers x hidden size rather than its square (norms, activations, attention's softmax,
+    memory traffic), so its share of a step falls as the model widens.
     """
     data = json.loads(pathlib.Path(args.report).read_text())
     out = {"report": args.report, "protocols": {}}
@@ -208,7 +208,8 @@ def fit(args) -> None:
             continue
         flops = [s["protocols"][protocol]["flops_per_step"] for s in shapes]
         seconds = [s["protocols"][protocol]["seconds_per_step"] for s in shapes]
-        matrix = [f / s["matmul_peak_flops"] for f, s in zip(flops, shapes)]
+        peak = (shapes[0]["matmul_peak_flops"] + shapes[1]["matmul_peak_flops"]) / 2  # measured beside the fitted shapes
+        matrix = [f / peak for f in flops]
         vector = [f / SHAPES[s["shape"]][0] for f, s in zip(flops, shapes)]
         models = {}
         for name, fixed, xs in (("linear", [0.0] * len(shapes), flops), ("matmul+vector", matrix, vector)):

@@ -5,7 +5,9 @@ the same tests run against that server instead: it must serve the embedded model
 vLLM recipe of docs/performance.md is checked).
 """
 
+import logging
 import os
+import re
 
 import dspy
 import pytest
@@ -98,11 +100,11 @@ def test_a_model_the_server_does_not_serve_fails_before_the_model_loads(no_model
     served = getattr(server, "alias", None) or check_generation_server(server)
     teleprompter = GReaTerTeleprompter(generation_server=server, generation_model="no-such-model", progress=False)
     train = load_examples("navigate")[:6]
-    with pytest.raises(GenerationServerError, match=rf"does not serve 'no-such-model'.*{served}.*generation_model="):
+    with pytest.raises(GenerationServerError, match=rf"does not serve 'no-such-model'.*{re.escape(served)}.*generation_model="):
         teleprompter.compile(dspy.ChainOfThought("question -> answer"), trainset=train[:4], valset=train[4:])
 
 
-def test_a_server_that_adds_bos_sees_the_prompt_tokens_once():
+def test_a_server_that_adds_bos_sees_the_prompt_tokens_once(caplog):
     """Gemma's tokenizer adds BOS and so does the server (llama.cpp by the GGUF's flag): the prompt's
     own BOS is left out of the text, or the server would read two."""
     import json
@@ -115,8 +117,15 @@ def test_a_server_that_adds_bos_sees_the_prompt_tokens_once():
     ids = tokenizer("<start_of_turn>user\nWhich way?<end_of_turn>\n<start_of_turn>model\n").input_ids
     assert ids[0] == tokenizer.bos_token_id
     with LlamaCppServer(path, n_threads=1) as gemma:
-        text = CompletionServerGenerator(gemma, tokenizer).prompt_text(ids)
+        generator = CompletionServerGenerator(gemma, tokenizer)
+        text = generator.prompt_text(ids)
         request = urllib.request.Request(gemma.api_base.removesuffix("/v1") + "/extras/tokenize",
                                          json.dumps({"input": text}).encode(), {"Content-Type": "application/json"})
         served = json.loads(urllib.request.urlopen(request, timeout=60).read())["tokens"]
     assert served == ids
+    with caplog.at_level(logging.WARNING, logger="dspy_greater"):  # a prompt without BOS gets one there
+        generator.prompt_text(ids[1:])
+        generator.prompt_text(ids[1:])
+    assert [r.message for r in caplog.records].count(
+        "The prompts sent to the generation server do not start with BOS, which the server adds: its reasoning "
+        "follows a BOS the optimizer model's sequences lack.") == 1

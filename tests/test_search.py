@@ -209,7 +209,7 @@ def test_whole_words_mask_keeps_words_and_drops_fragments(lm, optimizer):
     assert later[_ids(tokenizer, ".")].all()
     first = lm.position_token_mask("whole_words", first=True)  # a word, never space-led, starts it
     assert first[_ids(tokenizer, "Use")].all() and not first[_ids(tokenizer, " step")].any()
-    assert lm.position_token_mask("words", first=False) is lm.position_token_mask("words", first=False)
+    assert lm.position_token_mask("whole_words", first=False) is later  # computed once per case
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_whole_words_proposals_never_glue_onto_the_word_before(lm, layout, navig
     loose = _search(lm, layout, extractor, topk=40, intersect_q=2, intersect_size=4, min_candidates=20)
     whole = _search(lm, layout, extractor, topk=40, intersect_q=2, intersect_size=4, min_candidates=20,
                     allowed_tokens="whole_words")
-    texts = lm._token_texts
+    texts = lm.token_texts
     pieces = torch.tensor([bool(re.fullmatch(r"[A-Za-z]+", t)) for t in texts])
     mask = lm.allowed_token_mask("whole_words")
     for position in (0, 1):

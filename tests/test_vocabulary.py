@@ -3,29 +3,49 @@ and a SentencePiece-style BPE built here like Llama-2's (a dummy word-start pref
 encoded, and a decoder that strips the first space), since no such model can be fetched."""
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dspy_greater.engine.layout import GreaterLayout
 from dspy_greater.engine.vocabulary import allowed_tokens, continuation_encoder, position_tokens, token_texts
 
-TEXTS = ["Yes", " the answer", "answer", "\n\nUse the options.", "step, then", "(A)"]
+TEXTS = ["Yes", " the answer", "answer", "\n\nUse the options.", "step, then", "(A)", "é 日本", "  two", "\tx"]
 
 
-@pytest.fixture(scope="module")
-def legacy():
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+def _sentencepiece_like(normalized: bool):
+    """A small BPE with byte fallback, built like Llama-2's tokenizer.json: "▁" marks a word start
+    and is put before every text encoded (by a ``Prepend`` normalizer, as Llama-2 and TinyLlama
+    have it, or by the ``Metaspace`` pre-tokenizer, as later conversions do), and the decoder strips
+    the first space of what it decodes."""
+    import json
+
+    trainer = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    text = ["Let's think step by step, then state the answer.\n", "Use the options (A) (B) to answer the question.\n",
+            "Yes or no?\n\nQ: which way? [INST] [/INST]"] * 20
+    trainer.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    vocab = trainer.get_vocab()
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(trainer.to_str())["model"]["merges"]]
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    if normalized:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    text = ["Let's think step by step, then state the answer.\n", "Use the options (A) (B) to answer the question.\n",
-            "Yes or no?\n\nQ: which way? [INST] [/INST]"] * 20
-    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                         pad_token="<unk>")
     tokenizer.chat_template = "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]"
     return tokenizer
+
+
+@pytest.fixture(scope="module", params=["prepend_normalizer", "metaspace"])
+def legacy(request):
+    return _sentencepiece_like(normalized=request.param == "prepend_normalizer")
 
 
 def _plain(tokenizer, text):
@@ -43,6 +63,8 @@ def test_token_texts_keep_the_space_a_legacy_decoder_strips(legacy):
     assert words[ep] and not whole[ep]  # "▁ep" is not in the vocabulary: a fragment
     assert whole[st] and whole[the]  # "▁st" is: "st" can start a word
     assert not words[legacy.convert_tokens_to_ids("<s>")]
+    byte_a = legacy.convert_tokens_to_ids("<0x41>")  # "A" by byte fallback: not a token its text encodes to
+    assert texts[byte_a] == "A" and not words[byte_a] and allowed_tokens(legacy, "all", texts)[byte_a]
     assert not position_tokens(words, texts, "words", first=True)[the]  # no space-led first token
 
 
@@ -66,7 +88,8 @@ def test_layout_sequence_reads_as_the_whole_text_on_a_legacy_tokenizer(legacy):
     instruction = layout.encode_instruction("Use the options.")
     sequence = layout.full("Q: which way?", instruction, _plain(legacy, "Let's think"), layout.encode("\nthe answer"),
                            layout.encode(" (A)"))
-    assert legacy.decode(sequence.ids) == "<s>[INST] Q: which way?\n\nUse the options. [/INST] Let's think\nthe answer (A)"
+    whole = "<s>[INST] Q: which way?\n\nUse the options. [/INST] Let's think\nthe answer (A)"
+    assert legacy.decode(sequence.ids) == legacy.decode(_plain(legacy, whole))  # reads as the whole text
     assert legacy.decode(sequence.ids[sequence.instruction_start:sequence.instruction_end]) == "Use the options."
     texts = token_texts(legacy)
     assert not texts[instruction[0]][:1].isspace()  # the search's first-position rule holds for the start

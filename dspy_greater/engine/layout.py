@@ -87,7 +87,7 @@ class GreaterLayout:
         return self._encode_inside(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def encode_instruction(self, text: str) -> list[int]:
         """The instruction's token ids as they sit in the sequence."""

@@ -91,11 +91,12 @@ class OptimizerLM:
         """Boolean mask over the vocabulary of tokens the search may place in an instruction (see
         :func:`~dspy_greater.engine.vocabulary.allowed_tokens` for the modes). Computed once per mode."""
         if mode not in self._masks:
-            self._masks[mode] = allowed_tokens(self.tokenizer, mode, self._token_texts)
+            self._masks[mode] = allowed_tokens(self.tokenizer, mode, self.token_texts)
         return self._masks[mode]
 
     @functools.cached_property
-    def _token_texts(self) -> list[str]:
+    def token_texts(self) -> list[str]:
+        """Each token's text as it reads inside a text (:func:`~dspy_greater.engine.vocabulary.token_texts`)."""
         return token_texts(self.tokenizer)
 
     def position_token_mask(self, mode: str, *, first: bool) -> torch.Tensor:
@@ -103,7 +104,7 @@ class OptimizerLM:
         (see :func:`~dspy_greater.engine.vocabulary.position_tokens`). Computed once per case."""
         key = (mode, first)
         if key not in self._masks:
-            self._masks[key] = position_tokens(self.allowed_token_mask(mode), self._token_texts, mode, first=first)
+            self._masks[key] = position_tokens(self.allowed_token_mask(mode), self.token_texts, mode, first=first)
         return self._masks[key]
 
     # -- forward helpers -------------------------------------------------------------------------

@@ -329,7 +329,7 @@ class GreaterSearch:
             by_token = dict(zip(challengers, self._score_finalists(instruction, position, challengers, batch,
                                                                    reasoning, prefix)))
             by_token[current] = current_scores  # from the gradient pass (its reasoning is the current one)
-            scored = [{"token": self.layout.decode([token]), "token_id": token,
+            scored = [{"token": self.lm.token_texts[token], "token_id": token,
                        "gradient": float(grad[candidates.index(token)]), **self._summarize_scores(by_token[token])}
                       for token in finalists]
             winner = pick_winner(step, scored, cfg)
@@ -337,7 +337,7 @@ class GreaterSearch:
         return dict(
             step=step,
             position=position,
-            candidates=[self.layout.decode([c]) for c in candidates],
+            candidates=[self.lm.token_texts[c] for c in candidates],
             finalists=scored,
             chosen=winner["token"],
             changed=winner["token_id"] != current,

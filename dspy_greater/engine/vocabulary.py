@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 _WORD_TOKEN = re.compile(r"[A-Za-z ]+")
 _LETTERS = re.compile(r"[A-Za-z]+")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback
 
 
 def continuation_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], list[int]]:
@@ -26,10 +27,10 @@ def continuation_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], 
     def plain(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    b, a = plain("b"), plain("a")
-    if tokenizer.decode(b + a, clean_up_tokenization_spaces=False) != "b a":
+    newline = plain("\n")
+    if plain("\nb")[len(newline):] == plain("b"):  # a word after a newline encodes as it does alone
         return plain
-    anchors = [(text, plain(text)) for text in ("\n", " ")]
+    anchors = [(newline_or_space, plain(newline_or_space)) for newline_or_space in ("\n", " ")]
 
     def after_anchor(text: str) -> list[int]:
         for anchor, anchor_ids in anchors:  # the first whose tokens the text does not merge into
@@ -48,11 +49,11 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     tokenizers of the legacy (Llama-2) kind strip a leading space from the start of what they decode,
     so a token decoded alone would never show one.
     """
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    lead = tokenizer.decode([anchor], clean_up_tokenization_spaces=False)
-    pairs = tokenizer.batch_decode([[anchor, i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    lead = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+    pairs = tokenizer.batch_decode([[*anchor, i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
     return [
-        pair[len(lead):] if pair.startswith(lead) else tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        pair[len(lead):] if anchor and pair.startswith(lead) else tokenizer.decode([i], clean_up_tokenization_spaces=False)
         for i, pair in enumerate(pairs)
     ]
 
@@ -65,7 +66,8 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[st
     not also hold as a space-led word (so "Use" stays, the fragment "ermat" goes; the remaining word
     pieces stay off every position but the first, see :func:`position_tokens`);
     ``"ascii"``: printable ASCII; ``"all"``: every non-special token. Special tokens and tokens
-    that decode to nothing or to part of a character are never allowed. ``texts``: the
+    that decode to nothing or to part of a character are never allowed, byte-fallback tokens
+    (``<0x41>``) only under ``"all"``. ``texts``: the
     tokenizer's :func:`token_texts`, when already at hand.
     """
     size = len(tokenizer)
@@ -73,6 +75,9 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[st
     space_led = {text for text in texts if text[:1] == " "}
     special = set(tokenizer.all_special_ids)
     special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    if mode != "all":  # a byte token's text encodes back to another token: it would not round-trip
+        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+        special |= {i for i, piece in enumerate(pieces) if isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece)}
     mask = torch.zeros(size, dtype=torch.bool)
     for i, text in enumerate(texts):
         if i in special or not text or "\ufffd" in text:

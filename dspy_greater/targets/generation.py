@@ -16,6 +16,7 @@ weights), and the prompt goes over the wire as text, which the server tokenizes 
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from dspy_greater.engine.vocabulary import continuation_encoder
+
+logger = logging.getLogger(__name__)
 
 
 class GenerationServerError(RuntimeError):
@@ -119,6 +122,7 @@ class CompletionServerGenerator:
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
         self._server_bos = [bos] if adds_bos else []
+        self._warned_bos = False
         self._encode_reply = continuation_encoder(tokenizer)  # the reply continues the prompt
 
     def __repr__(self) -> str:
@@ -128,10 +132,17 @@ class CompletionServerGenerator:
         return _request(f"{self.api_base}{path}", payload, self.api_key, self.timeout)
 
     def prompt_text(self, prompt: list[int]) -> str:
-        """The text to send for ``prompt`` (token ids), such that the server's tokens are ``prompt``."""
-        if self._server_bos and prompt[:1] == self._server_bos:
-            prompt = prompt[1:]
-        return self.tokenizer.decode(prompt, skip_special_tokens=False)
+        """The text to send for ``prompt`` (token ids): the server re-tokenizes it, BOS included, so
+        its tokens are ``prompt``'s wherever the tokenizer encodes the decoded text back to the same
+        ids (pieces tokenized apart can merge differently)."""
+        if self._server_bos:
+            if prompt[:1] == self._server_bos:
+                prompt = prompt[1:]
+            elif not self._warned_bos:
+                self._warned_bos = True
+                logger.warning("The prompts sent to the generation server do not start with BOS, which the server "
+                               "adds: its reasoning follows a BOS the optimizer model's sequences lack.")
+        return self.tokenizer.decode(prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _complete(self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float) -> list[int]:
         payload = {
