@@ -77,4 +77,5 @@ def test_kept_caches_scores_and_gradients_equal_plain_passes(architecture):
     assert len(stored_lm._contexts) == (0 if stored_lm.attention_window == 16 else len(questions))
     prompts = [layout.prompt(q, instruction) for q in questions]
     ids, lengths = [p.ids for p in prompts], [p.instruction_start for p in prompts]
-    assert stored_lm.generate(ids, max_new_tokens=6, context_lengths=lengths) == plain_lm.generate(ids, max_new_tokens=6)
+    stored = stored_lm.generate(ids, max_new_tokens=6, context_lengths=lengths)
+    assert stored == plain_lm.generate(ids, max_new_tokens=6)

@@ -30,7 +30,7 @@ def continuation_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], 
     newline = plain("\n")
     if plain("\nb")[len(newline):] == plain("b"):  # a word after a newline encodes as it does alone
         return plain
-    anchors = [(newline_or_space, plain(newline_or_space)) for newline_or_space in ("\n", " ")]
+    anchors = [(anchor, plain(anchor)) for anchor in ("\n", " ")]
 
     def after_anchor(text: str) -> list[int]:
         for anchor, anchor_ids in anchors:  # the first whose tokens the text does not merge into
@@ -52,10 +52,8 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
     lead = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
     pairs = tokenizer.batch_decode([[*anchor, i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
-    return [
-        pair[len(lead):] if anchor and pair.startswith(lead) else tokenizer.decode([i], clean_up_tokenization_spaces=False)
-        for i, pair in enumerate(pairs)
-    ]
+    alone = lambda i: tokenizer.decode([i], clean_up_tokenization_spaces=False)  # noqa: E731
+    return [pair[len(lead):] if anchor and pair.startswith(lead) else alone(i) for i, pair in enumerate(pairs)]
 
 
 def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[str] | None = None) -> torch.Tensor:
@@ -67,20 +65,20 @@ def allowed_tokens(tokenizer: PreTrainedTokenizerBase, mode: str, texts: list[st
     pieces stay off every position but the first, see :func:`position_tokens`);
     ``"ascii"``: printable ASCII; ``"all"``: every non-special token. Special tokens and tokens
     that decode to nothing or to part of a character are never allowed, byte-fallback tokens
-    (``<0x41>``) only under ``"all"``. ``texts``: the
-    tokenizer's :func:`token_texts`, when already at hand.
+    (``<0x41>``) only under ``"all"``. ``texts``: the tokenizer's :func:`token_texts`, when
+    already at hand.
     """
     size = len(tokenizer)
     texts = token_texts(tokenizer) if texts is None else texts
     space_led = {text for text in texts if text[:1] == " "}
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    excluded = set(tokenizer.all_special_ids)
+    excluded |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
     if mode != "all":  # a byte token's text encodes back to another token: it would not round-trip
         pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-        special |= {i for i, piece in enumerate(pieces) if isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece)}
+        excluded |= {i for i, piece in enumerate(pieces) if isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece)}
     mask = torch.zeros(size, dtype=torch.bool)
     for i, text in enumerate(texts):
-        if i in special or not text or "\ufffd" in text:
+        if i in excluded or not text or "\ufffd" in text:
             continue
         if mode in ("words", "whole_words"):
             mask[i] = bool(_WORD_TOKEN.fullmatch(text)) or text in (".", ",")
