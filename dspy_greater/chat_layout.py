@@ -188,10 +188,7 @@ class ChatAdapterLayout(GreaterLayout):
         else:
             text = "\n\n".join([system, *([user] if user else []), "BEGIN RESPONSE:"]) + "\n"
         before, after = text.split(SENTINEL)
-        before_ids = self.tokenizer.encode(before, add_special_tokens=False)  # the sequence's start
-        if not self.has_chat_template and self.tokenizer.bos_token and self.tokenizer.bos_token_id is not None:
-            before_ids = [self.tokenizer.bos_token_id, *before_ids]
-        framed = (before_ids, self.encode(after + self.opening))
+        framed = (self.encode_start(before), self.encode(after + self.opening))
         self._context_cache[inputs_text] = framed
         return framed
 

@@ -89,6 +89,14 @@ class GreaterLayout:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def encode_start(self, text: str) -> list[int]:
+        """Token ids of the text that starts a sequence: encoded as a whole text is, after a BOS where
+        no chat template writes one."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not self.has_chat_template and self.tokenizer.bos_token and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return ids
+
     def encode_instruction(self, text: str) -> list[int]:
         """The instruction's token ids as they sit in the sequence."""
         return self.encode(text)
@@ -122,11 +130,7 @@ class GreaterLayout:
             before, after = text.split(SENTINEL)
         else:
             before, after = f"{inputs_text}{self.separator}", PLAIN_ANSWER_CUE
-        bos = self.tokenizer.bos_token
-        before_ids = self.tokenizer.encode(before, add_special_tokens=False)  # the sequence's start
-        if not self.has_chat_template and bos and self.tokenizer.bos_token_id is not None:
-            before_ids = [self.tokenizer.bos_token_id, *before_ids]
-        framed = (before_ids, self.encode(after))
+        framed = (self.encode_start(before), self.encode(after))
         self._context_cache[inputs_text] = framed
         return framed
 
